@@ -1,0 +1,10 @@
+"""The one error type of the config system: it always names the full key path."""
+
+
+class ConfigError(ValueError):
+    """A config problem; `str()` is one line: '<key.path>: <what is wrong>'."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        self.message = message
+        super().__init__(f"{key}: {message}" if key else message)

@@ -1,0 +1,57 @@
+"""Core sections every run has: data, train, ckpt. Components register the others."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from dist_ssl.config.registry import register_section
+from dist_ssl.config.schema import doc
+
+
+@dataclass
+class DataConfig:
+    train: Optional[str] = doc(None, "training shard directory (made by tools/make_shards.py)")
+    val: Optional[str] = doc(None, "evaluation shard directory; empty = no evaluation")
+    num_workers: int = doc(2, "DataLoader worker processes per rank")
+    drop_last: bool = doc(False, "drop the epoch's last partial global batch instead of padding it")
+    in_chans: Literal[1, 3] = doc(3, "channels fed to the model: 3 replicates grayscale sources")
+
+    def validate(self) -> None:
+        if self.num_workers < 0:
+            raise ValueError("num_workers: must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = doc(64, "images per process per optimizer micro-step")
+    epochs: Optional[int] = doc(None, "training length in epochs (or set steps)")
+    steps: Optional[int] = doc(None, "training length in optimizer steps; overrides epochs")
+    log_every_steps: int = doc(10, "write a log.jsonl row every this many steps")
+    eval_every_epochs: Optional[int] = doc(None, "also evaluate every k epochs (always at the end)")
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("batch_size: must be >= 1")
+        if self.epochs is None and self.steps is None:
+            raise ValueError("epochs: set train.epochs or train.steps")
+        for key in ("epochs", "steps"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"{key}: must be >= 1, got {value}")
+
+
+@dataclass
+class CkptConfig:
+    every_steps: int = doc(500, "save a checkpoint every this many optimizer steps (and at the end)")
+    keep_last: int = doc(3, "complete checkpoints to keep")
+
+    def validate(self) -> None:
+        if self.every_steps < 1:
+            raise ValueError("every_steps: must be >= 1")
+        if self.keep_last < 1:
+            raise ValueError("keep_last: must be >= 1")
+
+
+register_section("data", DataConfig)
+register_section("train", TrainConfig)
+register_section("ckpt", CkptConfig)
