@@ -1,0 +1,147 @@
+"""Exponential moving averages of weights: a model EMA and the functional momentum update.
+
+``ema = decay * ema + (1 - decay) * source`` for parameters; buffers (BatchNorm stats,
+DINO centers kept as buffers, ...) are copied, since averaging running statistics is not
+meaningful and copying keeps them consistent with the weights they normalise.
+
+Sharded training: ``ModelEMA.update`` reads the *unwrapped* module (DDP / DataParallel
+``.module``, ``torch.compile``'s ``_orig_mod``). For FSDP2 the EMA must be constructed from
+the model *before* ``fully_shard`` / ``accelerator.prepare`` (FSDP2 modules refuse deepcopy);
+afterwards DTensor parameters are gathered one at a time with ``full_tensor()`` — a
+collective, so every rank must call ``update`` — and the EMA holds full, unsharded weights on
+every rank (memory: one extra full model per rank, optionally on CPU via ``device``). Only
+checked with a 1-process gloo mesh so far. DeepSpeed ZeRO-3 parameters are
+partitioned in place (``ds_id`` attribute) and are NOT supported: ``update`` raises instead of
+silently averaging empty partitions; gather them with ``deepspeed.zero.GatheredParameters``
+or keep the EMA inside the method as teacher params that ZeRO shards alongside the student.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["ModelEMA", "ema_update_", "unwrap_model"]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Peel DDP/DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+@torch.no_grad()
+def ema_update_(
+    target_params: Iterable[torch.Tensor],
+    source_params: Iterable[torch.Tensor],
+    momentum: float,
+) -> None:
+    """In place: ``target = momentum * target + (1 - momentum) * source`` (BYOL/DINO teacher).
+
+    Lists must align one to one; tensors with a different dtype/device are moved to the
+    target's. Uses the multi-tensor ``_foreach_lerp_`` kernel (one launch for all params).
+    """
+    targets = list(target_params)
+    sources = list(source_params)
+    if len(targets) != len(sources):
+        raise ValueError(f"ema_update_: {len(targets)} targets vs {len(sources)} sources")
+    if not targets:
+        return
+    sources = [s.detach().to(device=t.device, dtype=t.dtype) for t, s in zip(targets, sources)]
+    # lerp_(s, w) computes t + w * (s - t) == (1 - w) * t + w * s.
+    torch._foreach_lerp_(targets, sources, 1.0 - momentum)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """Unsharded value of a (possibly DTensor) tensor; refuses ZeRO-3 partitions."""
+    if hasattr(t, "ds_id"):
+        raise NotImplementedError(
+            "ModelEMA does not support DeepSpeed ZeRO-3 partitioned parameters; see ema.py docstring")
+    full_tensor = getattr(t, "full_tensor", None)  # torch.distributed.tensor.DTensor (FSDP2)
+    return full_tensor() if callable(full_tensor) else t
+
+
+class ModelEMA:
+    """EMA copy of a model's weights (timm ``ModelEmaV2``/MoCo-style), kept outside the model.
+
+    Args:
+        model: the live model (may be DDP-wrapped); a deep copy is taken at construction.
+        decay: target decay per update, e.g. 0.9999.
+        warmup: if True, the effective decay is ``min(decay, (1 + n) / (10 + n))`` after n
+            updates, so early EMA weights track the fast-changing model (timm/TF convention).
+        device: where the EMA lives (e.g. ``"cpu"`` to save accelerator memory); default: as source.
+
+    Not an ``nn.Module`` on purpose: DDP/FSDP must not wrap or sync it, and the optimizer must
+    not see it. It has ``state_dict``/``load_state_dict`` so ``accelerator.register_for_checkpointing``
+    saves it.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, *, warmup: bool = False,
+                 device: Optional[torch.device | str] = None) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay: must be in [0, 1], got {decay}")
+        src = unwrap_model(model)
+        if any(hasattr(p, "full_tensor") or hasattr(p, "ds_id") for p in src.parameters()):
+            # FSDP2 modules refuse deepcopy and ZeRO-3 partitions are empty placeholders.
+            raise ValueError("ModelEMA: build the EMA from the model before sharding it "
+                             "(before fully_shard / accelerator.prepare)")
+        self.module = copy.deepcopy(src).eval()
+        if device is not None:
+            self.module.to(device)
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay = float(decay)
+        self.warmup = bool(warmup)
+        self.num_updates = 0
+
+    def current_decay(self) -> float:
+        """Decay the next ``update`` will use."""
+        if not self.warmup:
+            return self.decay
+        n = self.num_updates
+        return min(self.decay, (1.0 + n) / (10.0 + n))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Fold the current weights of ``model`` (wrapped or not) into the average."""
+        src = unwrap_model(model)
+        decay = self.current_decay()
+        ema_p = list(self.module.parameters())
+        src_p = [_full(p) for p in src.parameters()]
+        if len(ema_p) != len(src_p):
+            raise ValueError(f"ModelEMA.update: model has {len(src_p)} params, EMA has {len(ema_p)}")
+        ema_update_(ema_p, src_p, decay)
+        self._copy_all(self.module.buffers(), src.buffers())
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def set(self, model: nn.Module) -> None:
+        """Copy ``model``'s weights into the EMA (e.g. after loading a pretrained checkpoint)."""
+        src = unwrap_model(model)
+        self._copy_all(self.module.parameters(), src.parameters())
+        self._copy_all(self.module.buffers(), src.buffers())
+
+    @staticmethod
+    def _copy_all(dst: Iterable[torch.Tensor], src: Iterable[torch.Tensor]) -> None:
+        dst, src = list(dst), list(src)
+        if len(dst) != len(src):
+            raise ValueError(f"ModelEMA: {len(src)} source tensors vs {len(dst)} EMA tensors")
+        for d, s in zip(dst, src):
+            d.copy_(_full(s))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict(), "decay": self.decay,
+                "warmup": self.warmup, "num_updates": self.num_updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.decay = float(state["decay"])
+        self.warmup = bool(state["warmup"])
+        self.num_updates = int(state["num_updates"])

@@ -1,0 +1,58 @@
+"""``MetricsConfig`` and the factory that turns it into the sinks of one process."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .jsonl import JSONLSink
+from .prometheus import PrometheusSink, prometheus_port
+from .sink import MultiSink
+
+__all__ = ["MetricsConfig", "build_sinks"]
+
+
+@dataclass
+class MetricsConfig:
+    """Where metrics go. JSONL is always on (rank 0); the others are opt-in."""
+
+    jsonl_name: str = field(default="metrics.jsonl", metadata={"help": "JSONL file name inside the run dir"})
+    tensorboard: bool = field(default=False, metadata={"help": "also write TensorBoard events to <run_dir>/tb"})
+    prometheus: bool = field(default=False, metadata={"help": "serve per-rank Prometheus gauges over HTTP"})
+    prometheus_port_base: int = field(
+        default=9400, metadata={"help": "exporter port of local rank 0; local rank r uses base + r"})
+    prometheus_host: str = field(
+        default="127.0.0.1", metadata={"help": "exporter bind address; 0.0.0.0 exposes it to the network"})
+    log_every_steps: int = field(
+        default=10, metadata={"help": "log every N optimizer steps (each log syncs the device)"})
+
+    def validate(self) -> None:
+        if self.log_every_steps < 1:
+            raise ValueError(f"log_every_steps: must be >= 1, got {self.log_every_steps}")
+        if not 0 < self.prometheus_port_base < 65536:
+            raise ValueError(f"prometheus_port_base: not a valid port: {self.prometheus_port_base}")
+        if not self.jsonl_name or "/" in self.jsonl_name:
+            raise ValueError(f"jsonl_name: must be a plain file name, got {self.jsonl_name!r}")
+        if not self.prometheus_host:
+            raise ValueError("prometheus_host: must not be empty")
+
+
+def build_sinks(cfg: MetricsConfig, run_dir: str | Path, *, run: str, rank: int, local_rank: int,
+                is_main: bool) -> MultiSink:
+    """Sinks for this process: JSONL and TensorBoard on the main process only (one writer per
+    file), Prometheus on every rank (each rank exports its own step time, memory, ...)."""
+    run_dir = Path(run_dir)
+    sinks = MultiSink()
+    try:
+        if is_main:
+            sinks.add(JSONLSink(run_dir / cfg.jsonl_name))
+            if cfg.tensorboard:
+                from .tensorboard import TensorBoardSink  # lazy: tensorboard is optional
+
+                sinks.add(TensorBoardSink(run_dir / "tb"))
+        if cfg.prometheus:
+            port = prometheus_port(cfg.prometheus_port_base, local_rank)
+            sinks.add(PrometheusSink(port, host=cfg.prometheus_host, run=run, rank=rank))
+    except BaseException:
+        sinks.close()  # do not leak an open file or bound port when a later sink fails
+        raise
+    return sinks
