@@ -145,6 +145,10 @@ def _build(cls: type, data: dict, path: str) -> Any:
         if key not in fields:
             raise ConfigError(_join(path, str(key)), "unknown key" + nearest_key(str(key), fields))
     kwargs = {k: _convert(v, hints[k], _join(path, k)) for k, v in data.items()}
+    for key in fields.keys() - kwargs.keys():
+        # absent sections are built from {} so a variant base resolves to its default variant
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], {}, _join(path, key))
     return cls(**kwargs)
 
 

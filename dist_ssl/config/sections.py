@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional
 
 from dist_ssl.config.registry import register_section
 from dist_ssl.config.schema import doc
@@ -14,7 +14,6 @@ class DataConfig:
     val: Optional[str] = doc(None, "evaluation shard directory; empty = no evaluation")
     num_workers: int = doc(2, "DataLoader worker processes per rank")
     drop_last: bool = doc(False, "drop the epoch's last partial global batch instead of padding it")
-    in_chans: Literal[1, 3] = doc(3, "channels fed to the model: 3 replicates grayscale sources")
 
     def validate(self) -> None:
         if self.num_workers < 0:
@@ -26,7 +25,6 @@ class TrainConfig:
     batch_size: int = doc(64, "images per process per optimizer micro-step")
     epochs: Optional[int] = doc(None, "training length in epochs (or set steps)")
     steps: Optional[int] = doc(None, "training length in optimizer steps; overrides epochs")
-    log_every_steps: int = doc(10, "write a log.jsonl row every this many steps")
     eval_every_epochs: Optional[int] = doc(None, "also evaluate every k epochs (always at the end)")
 
     def validate(self) -> None:

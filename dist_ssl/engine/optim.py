@@ -25,6 +25,8 @@ from typing import Iterable, Literal, Optional
 import torch
 from torch import nn
 
+from dist_ssl.config.registry import register_section
+
 logger = logging.getLogger(__name__)
 
 # Leaf parameter names that never get weight decay even though they are >1-d.
@@ -179,3 +181,6 @@ def build_optimizer(cfg: OptimConfig, groups: list[dict], lr: float) -> torch.op
     # foreach=None lets torch pick the multi-tensor kernel where the device supports it.
     return torch.optim.AdamW(prepared, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps,
                              weight_decay=cfg.weight_decay)
+
+
+register_section("optim", OptimConfig)

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dist_ssl.config.registry import register_section
+
 from .jsonl import JSONLSink
 from .prometheus import PrometheusSink, prometheus_port
 from .sink import MultiSink
@@ -15,7 +17,7 @@ __all__ = ["MetricsConfig", "build_sinks"]
 class MetricsConfig:
     """Where metrics go. JSONL is always on (rank 0); the others are opt-in."""
 
-    jsonl_name: str = field(default="metrics.jsonl", metadata={"help": "JSONL file name inside the run dir"})
+    jsonl_name: str = field(default="log.jsonl", metadata={"help": "JSONL file name inside the run dir"})
     tensorboard: bool = field(default=False, metadata={"help": "also write TensorBoard events to <run_dir>/tb"})
     prometheus: bool = field(default=False, metadata={"help": "serve per-rank Prometheus gauges over HTTP"})
     prometheus_port_base: int = field(
@@ -34,6 +36,9 @@ class MetricsConfig:
             raise ValueError(f"jsonl_name: must be a plain file name, got {self.jsonl_name!r}")
         if not self.prometheus_host:
             raise ValueError("prometheus_host: must not be empty")
+
+
+register_section("metrics", MetricsConfig)
 
 
 def build_sinks(cfg: MetricsConfig, run_dir: str | Path, *, run: str, rank: int, local_rank: int,

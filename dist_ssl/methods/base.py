@@ -1,0 +1,104 @@
+"""The one interface every pretext / training method implements.
+
+A method is an ``nn.Module`` with its own typed config (a registered ``MethodConfig`` variant).
+The engine knows nothing else about it:
+
+* ``student``: the module the optimizer trains under data parallelism. The engine wraps it
+  (DDP / FSDP2 / DeepSpeed ZeRO) and assigns the wrapper back to ``method.student``, so the
+  method must run every data-parallel computation through ``self.student(...)`` (one call per
+  step: DDP and ZeRO hooks fire on the wrapper's forward).
+* ``local_modules()``: trainable modules kept OUT of data-parallel gradient sync (e.g. a
+  model-parallel classifier shard). The engine optimizes them but never wraps them.
+* everything else (EMA teachers, queues, centers) is plain state in submodules/buffers, saved in
+  checkpoints through ``extra_state_dict()``, updated in ``after_step()``.
+
+Shape legend: [B, V, C, H, W] = batch, views, channels, height, width; [B, D] = features.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import nn
+
+from dist_ssl.config.schema import doc
+
+
+@dataclass
+class MethodConfig:
+    """Variant base: recipes say ``method: {name: <registered name>, ...}``."""
+
+    name: str = doc("supervised", "training method (registered name, see dist_ssl.methods)")
+
+
+@dataclass
+class MethodContext:
+    """Facts the engine knows at start-up and a method may need to build itself."""
+
+    model: Any                      # the run's ModelConfig (backbone name, img size, ...)
+    num_samples: int                # N training images (= instance classes for IDMM)
+    num_classes: int                # semantic classes in the training manifest
+    in_chans: int                   # channels the loader produces
+    world_size: int = 1
+    rank: int = 0
+    total_steps: int = 1            # optimizer steps of the whole run, for schedules
+    steps_per_epoch: int = 1
+    output_dir: Optional[str] = None
+
+
+class Method(nn.Module):
+    """Base class; subclasses set ``config_class`` and are registered by name."""
+
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    student: nn.Module
+
+    def __init__(self, cfg: MethodConfig, ctx: MethodContext):
+        super().__init__()
+        self.cfg = cfg
+        self.ctx = ctx
+
+    # --- what the data must produce -----------------------------------------------------
+    def train_views(self):
+        """A ``dist_ssl.data.views.ViewSpec`` for the training loader."""
+        raise NotImplementedError
+
+    # --- one training step ----------------------------------------------------------------
+    def forward(self, batch: dict[str, Any], step: int) -> dict[str, Any]:
+        """Return ``{"loss": scalar tensor, "logs": {name: float or 0-d detached tensor}}``."""
+        raise NotImplementedError
+
+    def local_modules(self) -> list[nn.Module]:
+        """Trainable modules the engine optimizes but never wraps for gradient sync."""
+        return []
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        """Post-optimizer-step updates (EMA teachers, queues, centers)."""
+
+    def classify(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Class logits [B, K] for top-1/top-5 evaluation, or None when the method has no
+        classifier over the semantic classes (then use k-NN / linear probe: tools/eval.py)."""
+        return None
+
+    # --- what leaves the run --------------------------------------------------------------
+    def backbone(self) -> nn.Module:
+        """The (unwrapped) backbone to export and evaluate."""
+        raise NotImplementedError
+
+    def extra_state_dict(self) -> dict[str, torch.Tensor]:
+        """Method state outside ``student`` (teachers, queues, centers, local modules)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("student.")}
+
+    def load_extra_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.extra_state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise KeyError(f"method state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.load_state_dict(state, strict=False)
+
+
+def config_fields(cfg: MethodConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,127 @@
+"""Supervised training and fine-tuning with the DeiT recipe (Touvron et al., 2021).
+
+From scratch, or initialised from a pre-trained backbone (``init_from``: an exported
+``backbone.safetensors`` or a run directory holding one): the head is re-initialised and the
+absolute position embedding resampled when the resolution changes (112 -> 224 -> 448).
+Mixup / CutMix / label smoothing use timm's ``Mixup`` + ``SoftTargetCrossEntropy``,
+RandAugment timm's ``rand_augment_transform`` (a PIL hook of the view spec), random erasing
+timm's ``RandomErasing`` on the normalised batch, drop path the backbone's own.
+
+Shapes: x [B, C, H, W]; logits [B, K] (K = semantic classes of the training manifest).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup, rand_augment_transform
+from timm.data.random_erasing import RandomErasing
+from timm.loss import SoftTargetCrossEntropy
+from torch import nn
+
+from dist_ssl.config.schema import doc
+from dist_ssl.data.views import CropGroup, ViewSpec
+from dist_ssl.methods.base import Method, MethodConfig, MethodContext
+from dist_ssl.methods.registry import register_method
+from dist_ssl.models.export import load_backbone_file
+from dist_ssl.models.factory import create_backbone
+from dist_ssl.models.pos_embed import load_backbone_state
+
+BACKBONE_FILE = "backbone.safetensors"  # what the engine exports into every run directory
+
+
+@dataclass
+class SupervisedConfig(MethodConfig):
+    name: str = doc("supervised", "training method")
+    crop_size: Optional[int] = doc(None, "training crop size; None = model.img_size")
+    crop_scale: tuple[float, float] = doc((0.08, 1.0), "RandomResizedCrop area range")
+    policy: Literal["deit", "supervised"] = doc("deit", "base augmentation policy")
+    randaugment: Optional[str] = doc(None, "timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1")
+    random_erasing: float = doc(0.0, "random erasing probability (DeiT: 0.25)")
+    mixup: float = doc(0.0, "mixup alpha; 0 = off (DeiT: 0.8)")
+    cutmix: float = doc(0.0, "CutMix alpha; 0 = off (DeiT: 1.0)")
+    mix_prob: float = doc(1.0, "probability of applying mixup or CutMix to a batch")
+    mix_switch_prob: float = doc(0.5, "probability of CutMix instead of mixup when both are on")
+    label_smoothing: float = doc(0.0, "label smoothing epsilon (DeiT: 0.1)")
+    init_from: Optional[str] = doc(None, "backbone.safetensors (or a run dir with one) to fine-tune from")
+
+    def validate(self) -> None:
+        for key in ("random_erasing", "mix_prob", "mix_switch_prob"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"{key}: must be in [0, 1], got {getattr(self, key)}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise ValueError("mixup: alphas must be >= 0")
+        if self.randaugment is not None and not self.randaugment.startswith("rand"):
+            raise ValueError(f"randaugment: expected a timm spec like 'rand-m9-mstd0.5', got {self.randaugment!r}")
+
+
+def resolve_init_path(init_from: str) -> Path:
+    """A backbone file, or a run directory that holds one; clear error otherwise."""
+    path = Path(init_from)
+    if path.is_dir():
+        path = path / BACKBONE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"method.init_from: no backbone file at {path} "
+                                f"(give a {BACKBONE_FILE} or the run directory that wrote it)")
+    return path
+
+
+@register_method("supervised")
+class Supervised(Method):
+    config_class = SupervisedConfig
+
+    def __init__(self, cfg: SupervisedConfig, ctx: MethodContext):
+        super().__init__(cfg, ctx)
+        model_cfg = ctx.model
+        model_cfg.num_classes = ctx.num_classes
+        self.student = create_backbone(model_cfg)
+        if cfg.init_from:
+            state = load_backbone_file(resolve_init_path(cfg.init_from))
+            self.init_report = load_backbone_state(self.student, state)
+        self.crop_size = cfg.crop_size or model_cfg.img_size or 224
+        self.mixup = None
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mix_prob,
+                               switch_prob=cfg.mix_switch_prob, label_smoothing=cfg.label_smoothing,
+                               num_classes=ctx.num_classes)
+        self.erasing = (RandomErasing(cfg.random_erasing, mode="pixel", device="cpu")
+                        if cfg.random_erasing > 0 else None)
+
+    def train_views(self) -> ViewSpec:
+        hook = None
+        if self.cfg.randaugment:
+            # timm's RandAugment wants the fill colour as 0-255 ints of the image mode.
+            hook = rand_augment_transform(self.cfg.randaugment, {"img_mean": (124, 116, 104)})
+        return ViewSpec([CropGroup(1, self.crop_size, tuple(self.cfg.crop_scale))],
+                        policy=self.cfg.policy, in_chans=self.ctx.in_chans, hook=hook)
+
+    def forward(self, batch: dict[str, Any], step: int) -> dict[str, Any]:
+        x, y = batch["views"][0], batch["label"]
+        if self.erasing is not None:
+            self.erasing.device = x.device  # timm draws the erasing noise on this device
+            x = self.erasing(x)
+        if self.mixup is not None:
+            if x.shape[0] % 2:
+                raise ValueError("mixup/CutMix need an even per-process batch size")
+            x, soft = self.mixup(x, y)
+            logits = self.student(x)
+            loss = SoftTargetCrossEntropy()(logits, soft)
+        else:
+            logits = self.student(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+        acc = (logits.detach().argmax(-1) == y).float().mean()
+        return {"loss": loss, "logs": {"ce": loss.detach(), "train_acc": acc}}
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [B, K] for evaluation (through the possibly wrapped student)."""
+        return self.student(x)
+
+    def backbone(self) -> nn.Module:
+        from dist_ssl.models.export import unwrap_model
+
+        return unwrap_model(self.student)
