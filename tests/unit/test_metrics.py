@@ -149,6 +149,6 @@ def test_build_sinks_and_config(tmp_path):
         main.log(1, {"loss": 1.0})
     finally:
         main.close()
-    assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 1.0
+    assert json.loads((tmp_path / "log.jsonl").read_text())["loss"] == 1.0
     with pytest.raises(ValueError, match="^log_every_steps:"):
         MetricsConfig(log_every_steps=0).validate()
