@@ -26,12 +26,15 @@ class TrainConfig:
     epochs: Optional[int] = doc(None, "training length in epochs (or set steps)")
     steps: Optional[int] = doc(None, "training length in optimizer steps; overrides epochs")
     eval_every_epochs: Optional[int] = doc(None, "also evaluate every k epochs (always at the end)")
+    ema_decay: Optional[float] = doc(None, "keep an EMA of the student's weights (e.g. 0.9998); None = off")
 
     def validate(self) -> None:
         if self.batch_size < 1:
             raise ValueError("batch_size: must be >= 1")
         if self.epochs is None and self.steps is None:
             raise ValueError("epochs: set train.epochs or train.steps")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay: must be in (0, 1), got {self.ema_decay}")
         for key in ("epochs", "steps"):
             value = getattr(self, key)
             if value is not None and value < 1:

@@ -4,7 +4,8 @@ Layout (``output_dir`` must be one filesystem that every rank sees)::
 
     output_dir/checkpoints/step_00001234/
         COMPLETE                  written last; a directory without it is never loaded
-        trainer_state.json        step, meta (backend, world size, ...) and the engine's JSON state
+        trainer_state.json        step, meta (backend, world size, ...), the engine's JSON state and
+                                  a manifest {file: size} that load checks (missing / truncated)
         ...accelerate files       DDP/single: model.safetensors, optimizer.bin, scheduler.bin
                                   FSDP2: pytorch_model_fsdp_0/ + optimizer_0/ (DCP shards, every rank)
                                   DeepSpeed: pytorch_model/ (ZeRO shards per rank), latest
@@ -161,7 +162,8 @@ class CheckpointManager:
         info = describe(accelerator)
         meta = dict(info, format_version=FORMAT_VERSION, saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     per_rank=sorted(per_rank))
-        payload = json.dumps({"step": step, "meta": meta, "state": dict(state)}, indent=2, sort_keys=True)
+        record = {"step": step, "meta": meta, "state": dict(state)}
+        json.dumps(record)  # not JSON-able -> TypeError on every rank, before anything is written
         main = accelerator.is_main_process
         final = self.path_for(step)
         if main:
@@ -175,14 +177,16 @@ class CheckpointManager:
         rank = accelerator.process_index
         for name, obj in per_rank.items():
             torch.save(obj.state_dict(), tmp / f"rank_local_{name}_{rank:05d}.pt")
-        if main:
-            _write_durable(tmp / TRAINER_STATE, payload)
-        accelerator.wait_for_everyone()  # every rank's files are on disk before COMPLETE
+        accelerator.wait_for_everyone()  # every rank's files are on disk before the manifest
 
         if main:
-            for f in tmp.rglob("*"):
+            files = {}
+            for f in sorted(tmp.rglob("*")):
                 if f.is_file():
                     _fsync(f)
+                    files[f.relative_to(tmp).as_posix()] = f.stat().st_size
+            record["files"] = files  # load checks presence + size of each: catches truncation in any format
+            _write_durable(tmp / TRAINER_STATE, json.dumps(record, indent=2, sort_keys=True))
             _write_durable(tmp / COMPLETE, f"step {step}\n")
             self._publish(tmp, final)
         accelerator.wait_for_everyone()
@@ -248,15 +252,20 @@ class CheckpointManager:
         try:
             record = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
             meta = record["meta"]
-            _ = record["step"], record["state"]
+            _ = record["step"], record["state"], record["files"]
         except Exception as exc:  # noqa: BLE001
             return f"{path / TRAINER_STATE}: unreadable ({type(exc).__name__}: {_one_line(exc, 160)})"
         problem = self._compat_problem(path, meta, accelerator, per_rank)
         if problem:
             return problem
         rank, world = accelerator.process_index, accelerator.num_processes
-        files = sorted(f for f in path.rglob("*") if f.is_file())
-        for f in files[rank::world]:  # spread the header checks over the ranks
+        files = sorted(record.get("files", {}).items())
+        for rel, size in files[rank::world]:  # spread the checks over the ranks (stat + headers only)
+            f = path / rel
+            if not f.is_file():
+                return f"{f}: missing"
+            if f.stat().st_size != size:
+                return f"{f}: truncated or rewritten ({f.stat().st_size} bytes, {size} when saved)"
             problem = _file_problem(f)
             if problem:
                 return f"{f}: {problem}"

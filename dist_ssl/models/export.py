@@ -113,13 +113,9 @@ def export_state_dict(
     return path
 
 
-def export_backbone(model: nn.Module, path: PathLike, *, keep_head: bool = False) -> Path:
-    """Save the backbone weights of a (possibly wrapped) timm model to ``path`` (.safetensors).
-
-    The classifier (``pretrained_cfg['classifier']``) is dropped unless ``keep_head``. The file's
-    metadata records architecture, in_chans, img_size, num_classes and num_features, which
-    ``timm_pretrained_kwargs`` turns into the overlay timm needs.
-    """
+def backbone_metadata(model: nn.Module, *, keep_head: bool = False) -> dict[str, str]:
+    """Header fields of an export: architecture, in_chans, img_size, num_classes, num_features
+    (what ``timm_pretrained_kwargs`` turns into the overlay timm needs)."""
     bare = unwrap_model(model)
     heads = classifier_names(bare)
     has_head = any(p.numel() for n in heads for p in bare.get_submodule(n).parameters())
@@ -134,8 +130,22 @@ def export_backbone(model: nn.Module, path: PathLike, *, keep_head: bool = False
     if img_size is None:
         img_size = ((getattr(bare, "pretrained_cfg", None) or {}).get("input_size") or (3, 224, 224))[-2:]
     meta["img_size"] = "x".join(str(int(s)) for s in img_size)
+    return meta
+
+
+def export_backbone(model: nn.Module, path: PathLike, *, keep_head: bool = False,
+                    state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
+    """Save the backbone weights of a (possibly wrapped) timm model to ``path`` (.safetensors).
+
+    The classifier (``pretrained_cfg['classifier']``) is dropped unless ``keep_head``. The file's
+    metadata records architecture, in_chans, img_size, num_classes and num_features.
+    ``state_dict``: an already gathered full state dict (FSDP2 / ZeRO-3:
+    ``accelerator.get_state_dict(model)`` on rank 0) to write instead of ``model.state_dict()``.
+    """
+    heads = classifier_names(unwrap_model(model))
     return export_state_dict(
-        model.state_dict(), path, drop_prefixes=() if keep_head else heads, metadata=meta
+        model.state_dict() if state_dict is None else state_dict, path,
+        drop_prefixes=() if keep_head else heads, metadata=backbone_metadata(model, keep_head=keep_head),
     )
 
 

@@ -1,0 +1,121 @@
+"""Everything a run needs before its first step, built from the resolved config.
+
+The engine never looks at method names: it asks the method for its views, its data-parallel
+``student`` and its rank-local modules, and builds the rest from the config sections.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, set_seed
+
+from dist_ssl.data.loader import TrainLoader, build_eval_loader, build_train_loader
+from dist_ssl.data.manifest import load_manifest
+from dist_ssl.engine.ema import ModelEMA
+from dist_ssl.engine.optim import absolute_lr, build_optimizer, param_groups, resolve_warmup_steps
+from dist_ssl.engine.schedules import build_lr_scheduler
+from dist_ssl.methods import Method, MethodContext, build_method
+from dist_ssl.parallel.accelerator import build_accelerator, describe, prepare_model_and_optimizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunParts:
+    accelerator: Accelerator
+    method: Method
+    loader: TrainLoader
+    eval_loader: Optional[Any]
+    optimizer: Any
+    scheduler: Any
+    local_optimizer: Optional[Any]  # rank-local modules' optimizer (never prepared)
+    local_scheduler: Optional[Any]
+    ema: Optional[ModelEMA]
+    steps_per_epoch: int
+    total_steps: int
+    global_batch: int
+    lr: float
+    input_dtype: Optional[torch.dtype]  # DeepSpeed bf16/fp16 wants inputs cast by us
+
+
+def _lr_schedule(optimizer, cfg, total_steps: int, warmup: int, lr: float):
+    return build_lr_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup, lr=lr,
+                              min_lr=cfg.optim.min_lr, start_warmup_lr=cfg.optim.start_warmup_lr,
+                              kind=cfg.optim.schedule)
+
+
+def build_run(cfg) -> RunParts:
+    accelerator = build_accelerator(cfg.parallel, gradient_clipping=cfg.optim.clip_grad,
+                                    train_micro_batch_size=cfg.train.batch_size)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    manifest = load_manifest(cfg.data.train)
+    accum = cfg.parallel.grad_accum_steps
+    set_seed(cfg.seed)  # identical initial weights on every rank, whatever the world size
+    ctx = MethodContext(model=copy.deepcopy(cfg.model), num_samples=manifest.num_samples,
+                        num_classes=manifest.num_classes, in_chans=cfg.model.in_chans,
+                        world_size=world, rank=rank, output_dir=cfg.output_dir)
+    method = build_method(cfg.method, ctx)
+    loader = build_train_loader(cfg.data.train, method.train_views(), cfg.train.batch_size,
+                                rank=rank, world_size=world, num_workers=cfg.data.num_workers,
+                                seed=cfg.seed, drop_last=cfg.data.drop_last)
+    steps_per_epoch = len(loader) // accum
+    if steps_per_epoch < 1:
+        raise ValueError(f"train.batch_size: {len(loader)} batches per epoch per rank is fewer than "
+                         f"parallel.grad_accum_steps={accum}; lower the batch size")
+    total_steps = cfg.train.steps or cfg.train.epochs * steps_per_epoch
+    ctx.total_steps, ctx.steps_per_epoch = total_steps, steps_per_epoch
+    global_batch = cfg.train.batch_size * world * accum
+    lr = absolute_lr(cfg.optim, global_batch)
+    warmup = resolve_warmup_steps(cfg.optim, steps_per_epoch)
+    if warmup > total_steps:
+        log.warning("warmup of %d steps is longer than the run (%d steps); warming up over the whole run",
+                    warmup, total_steps)
+        warmup = total_steps
+    log.info("global batch %d = %d per process x %d processes x %d accumulation; lr %.3g "
+             "(base_lr %.3g x %d / 256); %d steps (%d per epoch), warmup %d",
+             global_batch, cfg.train.batch_size, world, accum, lr, cfg.optim.base_lr,
+             global_batch, total_steps, steps_per_epoch, warmup)
+
+    method.to(accelerator.device)
+    ema = ModelEMA(method.student, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    groups = param_groups(method.student, cfg.optim.weight_decay, layer_decay=cfg.optim.layer_decay,
+                          extra_no_decay=cfg.optim.extra_no_decay)
+    optimizer = build_optimizer(cfg.optim, groups, lr)
+    scheduler = _lr_schedule(optimizer, cfg, total_steps, warmup, lr)
+    student, optimizer, scheduler = prepare_model_and_optimizer(accelerator, method.student,
+                                                                optimizer, scheduler)
+    method.student = student
+    local_optimizer = local_scheduler = None
+    local = [p for m in method.local_modules() for p in m.parameters() if p.requires_grad]
+    if local:
+        local_groups = [g for m in method.local_modules()
+                        for g in param_groups(m, cfg.optim.weight_decay)]
+        local_optimizer = build_optimizer(cfg.optim, local_groups, lr)
+        local_scheduler = _lr_schedule(local_optimizer, cfg, total_steps, warmup, lr)
+
+    eval_loader = None
+    if cfg.data.val:
+        size = method.train_views().groups[0].size
+        eval_loader = build_eval_loader(cfg.data.val, size, cfg.train.batch_size, rank=rank,
+                                        world_size=world, num_workers=cfg.data.num_workers,
+                                        in_chans=cfg.model.in_chans)
+    input_dtype = None
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    set_seed(cfg.seed + rank, device_specific=False)  # per-rank streams for dropout / mixing
+    return RunParts(accelerator, method, loader, eval_loader, optimizer, scheduler, local_optimizer,
+                    local_scheduler, ema, steps_per_epoch, total_steps, global_batch, lr, input_dtype)
+
+
+def run_name(cfg) -> str:
+    return os.path.basename(os.path.normpath(cfg.output_dir))
+
+
+def backend_summary(parts: RunParts) -> dict:
+    return describe(parts.accelerator)

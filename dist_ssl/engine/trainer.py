@@ -1,0 +1,225 @@
+"""The training loop: method-agnostic, resumable, preemptible.
+
+Position bookkeeping: ``step`` counts optimizer steps (the unit of schedules, logs and
+checkpoints). Epoch e covers steps [e * S, (e + 1) * S) with S = steps per epoch; the data
+position of step k is (epoch k // S, micro-batch (k % S) * accumulation), which the loader
+jumps to without touching the skipped samples, so a resumed run sees exactly the batches an
+uninterrupted one would.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from dist_ssl.config.run import save_config
+from dist_ssl.engine.checkpoint import CheckpointManager
+from dist_ssl.engine.evaluate import evaluate_topk
+from dist_ssl.engine.metrics import build_sinks, memory_stats
+from dist_ssl.engine.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
+from dist_ssl.engine.progress import Progress
+from dist_ssl.engine.setup import RunParts, build_run, run_name
+from dist_ssl.data.atomic import atomic_write_json
+from dist_ssl.models.export import export_backbone
+
+log = logging.getLogger(__name__)
+BACKBONE_FILE = "backbone.safetensors"
+EVAL_FILE = "eval.json"
+
+
+class _StateAdapter:
+    """Something with state_dict/load_state_dict for accelerate's checkpoint registry."""
+
+    def __init__(self, get, put):
+        self.state_dict, self.load_state_dict = get, put
+
+
+class Trainer:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.parts: RunParts = build_run(cfg)
+        acc = self.parts.accelerator
+        self.is_main = acc.is_main_process
+        self.ckpt = CheckpointManager(self.out, keep_last=cfg.ckpt.keep_last)
+        method = self.parts.method
+        acc.register_for_checkpointing(_StateAdapter(method.extra_state_dict, method.load_extra_state_dict))
+        if self.parts.ema is not None:
+            acc.register_for_checkpointing(self.parts.ema)
+        self.per_rank = {}
+        if self.parts.local_optimizer is not None:
+            self.per_rank = {"local_optimizer": self.parts.local_optimizer,
+                             "local_scheduler": self.parts.local_scheduler}
+        self.step = 0
+        self.sinks = build_sinks(cfg.metrics, self.out, run=run_name(cfg), rank=acc.process_index,
+                                 local_rank=acc.local_process_index, is_main=self.is_main)
+
+    # ------------------------------------------------------------------ lifecycle
+    def fit(self) -> int:
+        """Train to the end (0) or until preempted (REQUEUE_EXIT_CODE, after a checkpoint)."""
+        acc, parts = self.parts.accelerator, self.parts
+        if self.is_main:
+            save_config(self.cfg, self.out / "config.yaml")
+        self._maybe_resume()
+        flag = PreemptionFlag()
+        progress = Progress(parts.total_steps, enabled=self.is_main, start=self.step)
+        try:
+            while self.step < parts.total_steps:
+                if self._run_epoch(flag, progress):
+                    self._save()
+                    log.warning("preempted by signal %s at step %d: checkpointed, exiting %d",
+                                flag.signum, self.step, REQUEUE_EXIT_CODE)
+                    return REQUEUE_EXIT_CODE
+            if not (self.ckpt.latest() and self.ckpt.latest().name == self.ckpt.path_for(self.step).name):
+                self._save()
+            self._export_backbone()
+            self._final_eval()
+            return 0
+        finally:
+            progress.close()
+            flag.close()
+            self.sinks.close()
+            acc.wait_for_everyone()
+
+    def _maybe_resume(self) -> None:
+        path = self.ckpt.resolve(self.cfg.resume)
+        if path is None:
+            return
+        state = self.ckpt.load(path, self.parts.accelerator, per_rank=self.per_rank)
+        self.step = int(state["step"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ------------------------------------------------------------------ one epoch
+    def _run_epoch(self, flag: PreemptionFlag, progress: Progress) -> bool:
+        """Run from the current position to the epoch's end; True if preempted."""
+        parts, acc, cfg = self.parts, self.parts.accelerator, self.cfg
+        accum = cfg.parallel.grad_accum_steps
+        spe = parts.steps_per_epoch
+        epoch = self.step // spe
+        parts.loader.set_position(epoch, (self.step % spe) * accum)
+        micro = (self.step % spe) * accum
+        t_wait = t_last = time.perf_counter()
+        waited = 0.0
+        for batch in parts.loader:
+            waited += time.perf_counter() - t_wait
+            loss, logs = self._micro_step(batch)
+            micro += 1
+            if micro % accum:
+                t_wait = time.perf_counter()
+                continue
+            self.step += 1
+            now = time.perf_counter()
+            if self.step % cfg.metrics.log_every_steps == 0 or self.step == parts.total_steps:
+                self._log(epoch, loss, logs, now - t_last, waited)
+            progress.update(self.step, parts.global_batch / max(now - t_last, 1e-9),
+                            loss if self.step % cfg.metrics.log_every_steps == 0 else None)
+            t_last, waited = now, 0.0
+            if self.step % cfg.ckpt.every_steps == 0 and self.step < parts.total_steps:
+                self._save()
+            if flag.agreed(acc.device, acc.num_processes):
+                return True
+            if cfg.train.eval_every_epochs and self.step % spe == 0 and \
+                    (self.step // spe) % cfg.train.eval_every_epochs == 0 and self.step < parts.total_steps:
+                self._evaluate(tag=f"epoch_{self.step // spe}")
+            if self.step >= parts.total_steps or micro >= spe * accum:
+                break
+            t_wait = time.perf_counter()
+        return False
+
+    def _micro_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
+        parts, acc = self.parts, self.parts.accelerator
+        batch = _to_device(batch, acc.device, parts.input_dtype)
+        with acc.accumulate(parts.method.student):
+            out = parts.method(batch, self.step)
+            loss = out["loss"]
+            acc.backward(loss)
+            if acc.sync_gradients and self.cfg.optim.clip_grad and not _is_deepspeed(acc):
+                out["logs"]["grad_norm"] = acc.clip_grad_norm_(parts.method.student.parameters(),
+                                                              self.cfg.optim.clip_grad)
+            parts.optimizer.step()
+            if parts.local_optimizer is not None and acc.sync_gradients:
+                parts.local_optimizer.step()
+                parts.local_optimizer.zero_grad(set_to_none=True)
+            if acc.sync_gradients:
+                parts.scheduler.step()
+                if parts.local_scheduler is not None:
+                    parts.local_scheduler.step()
+            parts.optimizer.zero_grad(set_to_none=True)
+        if acc.sync_gradients:
+            parts.method.after_step(self.step + 1)
+            if parts.ema is not None:
+                parts.ema.update(parts.method.student)
+        return loss.detach(), out["logs"]
+
+    # ------------------------------------------------------------------ outputs
+    def _log(self, epoch: int, loss: torch.Tensor, logs: dict, step_time: float, waited: float) -> None:
+        acc, parts = self.parts.accelerator, self.parts
+        values = torch.stack([loss.float()] + [torch.as_tensor(v, dtype=torch.float32, device=loss.device)
+                                               for v in logs.values()])
+        values = acc.reduce(values, reduction="mean")  # collective: every rank logs the same steps
+        row = {"epoch": epoch, "loss": values[0].item(),
+               **{k: v.item() for k, v in zip(logs, values[1:])},
+               "lr": parts.optimizer.param_groups[0]["lr"],
+               "images_per_sec": parts.global_batch / max(step_time, 1e-9),
+               "samples_seen": self.step * parts.global_batch,
+               "step_time": step_time,
+               "data_wait_fraction": min(waited / max(step_time, 1e-9), 1.0),
+               **memory_stats(acc.device)}
+        if not math.isfinite(row["loss"]):
+            raise FloatingPointError(f"loss is {row['loss']} at step {self.step}; lower optim.base_lr "
+                                     "or enable optim.clip_grad")
+        self.sinks.log(self.step, row)
+
+    def _save(self) -> None:
+        self.ckpt.save(self.step, self.parts.accelerator,
+                       {"epoch": self.step // self.parts.steps_per_epoch,
+                        "steps_per_epoch": self.parts.steps_per_epoch},
+                       per_rank=self.per_rank)
+
+    def _export_backbone(self) -> None:
+        acc = self.parts.accelerator
+        # collective for FSDP2 / ZeRO-3 (gathers the shards); rank 0 gets the full state dict
+        state = acc.get_state_dict(self.parts.method.student)
+        if self.is_main:
+            export_backbone(self.parts.method.backbone(), self.out / BACKBONE_FILE, state_dict=state)
+        acc.wait_for_everyone()
+
+    def _evaluate(self, tag: str) -> Optional[dict]:
+        if self.parts.eval_loader is None:
+            return None
+        acc = self.parts.accelerator
+        result = evaluate_topk(self.parts.method, self.parts.eval_loader, acc.device,
+                               acc.num_processes, self.parts.input_dtype)
+        if result is None:
+            return None
+        self.sinks.log(self.step, result, kind="eval")
+        log.info("eval %s: top1 %.4f top5 %.4f on %d images", tag, result["top1"], result["top5"],
+                 result["num_samples"])
+        return result
+
+    def _final_eval(self) -> None:
+        result = self._evaluate("final")
+        if result is None or not self.is_main:
+            return
+        atomic_write_json(self.out / EVAL_FILE, {"step": self.step, **result})
+
+
+def _is_deepspeed(acc) -> bool:
+    return acc.distributed_type.name == "DEEPSPEED"
+
+
+def _to_device(batch: dict, device: torch.device, dtype: Optional[torch.dtype]) -> dict:
+    out = {}
+    for key, value in batch.items():
+        if key == "views":
+            out[key] = [v.to(device, dtype=dtype, non_blocking=True) if dtype else
+                        v.to(device, non_blocking=True) for v in value]
+        elif isinstance(value, torch.Tensor):
+            out[key] = value.to(device, non_blocking=True)
+        else:
+            out[key] = value
+    return out
