@@ -1,0 +1,47 @@
+"""Shared pytest fixtures. Data fixtures: real Fashion-MNIST (never skipped) and its shards."""
+import os
+from pathlib import Path
+
+import pytest
+
+FMNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
+FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir() -> Path:
+    """Folder with the 4 Fashion-MNIST IDX files (env FASHION_MNIST_DIR or the Debian path)."""
+    path = Path(os.environ.get("FASHION_MNIST_DIR", FMNIST_DEFAULT_DIR))
+    missing = [f for f in FMNIST_FILES
+               if not (path / f).is_file() and not (path / (f + ".gz")).is_file()]
+    if missing:
+        pytest.fail(f"Fashion-MNIST IDX files missing in {path} ({', '.join(missing)}): "
+                    f"run `apt-get install -y dataset-fashion-mnist` or set FASHION_MNIST_DIR "
+                    f"to a folder with the official files", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def fmnist2k_shards(fmnist_dir, tmp_path_factory) -> Path:
+    """2,040 Fashion-MNIST train images (204 per class) in 8 shards of 256 (last: 248).
+
+    Read-only: copy it before modifying anything.
+    """
+    from dist_ssl.data.shard_writer import write_dataset
+
+    out = tmp_path_factory.mktemp("fmnist2k") / "shards"
+    write_dataset(f"idx:{fmnist_dir}", out, split="train", subset="per-class:204",
+                  samples_per_shard=256, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def fmnist_test_shards_small(fmnist_dir, tmp_path_factory) -> Path:
+    """500 random Fashion-MNIST test (t10k) images in 4 shards of 128 (last: 116). Read-only."""
+    from dist_ssl.data.shard_writer import write_dataset
+
+    out = tmp_path_factory.mktemp("fmnist_test500") / "shards"
+    write_dataset(f"idx:{fmnist_dir}", out, split="test", subset="random:500",
+                  samples_per_shard=128, seed=0)
+    return out
