@@ -13,7 +13,8 @@ Layout (``output_dir`` must be one filesystem that every rank sees)::
         rank_local_<name>_<rank>.pt   objects that are not data-parallel (``per_rank=``)
 
 Save: every rank writes into ``.tmp_step_<n>_<rand>/`` (same directory, so the final
-``os.rename`` is atomic), barrier, rank 0 writes COMPLETE and renames, barrier, rank 0 prunes.
+``os.rename`` is atomic), barrier, rank 0 writes the manifest and COMPLETE and renames, barrier,
+rank 0 prunes.
 A crash at any point leaves the previous checkpoints untouched; ``latest()`` skips temp and
 incomplete directories.
 """
@@ -155,45 +156,61 @@ class CheckpointManager:
 
         ``per_rank`` maps names to objects with ``state_dict()`` that differ per rank and are not
         known to the accelerator (e.g. a model-parallel weight shard and its optimizer).
+        A write error on any rank raises CheckpointError on every rank (no rank is left waiting).
         """
         if step < 0:
             raise ValueError(f"step: must be >= 0, got {step}")
         per_rank = dict(per_rank or {})
-        info = describe(accelerator)
-        meta = dict(info, format_version=FORMAT_VERSION, saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    per_rank=sorted(per_rank))
+        meta = dict(describe(accelerator), format_version=FORMAT_VERSION, per_rank=sorted(per_rank),
+                    saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         record = {"step": step, "meta": meta, "state": dict(state)}
         json.dumps(record)  # not JSON-able -> TypeError on every rank, before anything is written
-        main = accelerator.is_main_process
-        final = self.path_for(step)
+        main, final = accelerator.is_main_process, self.path_for(step)
         if main:
             self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / broadcast_object(f".tmp_{final.name}_{secrets.token_hex(4)}" if main else None)
 
-        accelerator.save_state(str(tmp))  # collective; FSDP2/DeepSpeed write shards from every rank
-        if os.environ.get(CRASH_ENV) == "1":
-            logger.error("%s=1: simulating a crash in the middle of a checkpoint save", CRASH_ENV)
-            os._exit(1)
-        rank = accelerator.process_index
-        for name, obj in per_rank.items():
-            torch.save(obj.state_dict(), tmp / f"rank_local_{name}_{rank:05d}.pt")
-        accelerator.wait_for_everyone()  # every rank's files are on disk before the manifest
-
-        if main:
-            files = {}
-            for f in sorted(tmp.rglob("*")):
-                if f.is_file():
-                    _fsync(f)
-                    files[f.relative_to(tmp).as_posix()] = f.stat().st_size
-            record["files"] = files  # load checks presence + size of each: catches truncation in any format
-            _write_durable(tmp / TRAINER_STATE, json.dumps(record, indent=2, sort_keys=True))
-            _write_durable(tmp / COMPLETE, f"step {step}\n")
-            self._publish(tmp, final)
-        accelerator.wait_for_everyone()
+        failure = self._write_all_ranks(tmp, accelerator, per_rank)
+        failures = [f for f in all_gather_object(failure) if f]  # doubles as the barrier before COMPLETE
+        if not failures and main:
+            try:
+                self._finalize(tmp, final, record)
+            except OSError as exc:
+                failures = [f"{final}: cannot finish the checkpoint ({_one_line(exc)})"]
+        failures = broadcast_object(failures)  # doubles as the barrier after the rename
+        if failures:
+            raise CheckpointError(failures[0])
         if main:
             self._prune()
         logger.info("checkpoint saved: %s", final)
         return final
+
+    @staticmethod
+    def _write_all_ranks(tmp: Path, accelerator, per_rank: Mapping[str, Any]) -> str | None:
+        """Every rank's share of the files; a one-line problem or None."""
+        rank = accelerator.process_index
+        try:
+            accelerator.save_state(str(tmp))  # collective; FSDP2/DeepSpeed write shards from every rank
+            if os.environ.get(CRASH_ENV) == "1":
+                logger.error("%s=1: simulating a crash in the middle of a checkpoint save", CRASH_ENV)
+                os._exit(1)
+            for name, obj in per_rank.items():
+                torch.save(obj.state_dict(), tmp / f"rank_local_{name}_{rank:05d}.pt")
+        except Exception as exc:  # noqa: BLE001 - reported on every rank by the caller
+            return f"{tmp}: rank {rank} could not write its files ({type(exc).__name__}: {_one_line(exc, 200)})"
+        return None
+
+    def _finalize(self, tmp: Path, final: Path, record: dict) -> None:
+        """Rank 0, after every rank wrote: manifest, fsync, COMPLETE last, atomic rename."""
+        files = {}
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                _fsync(f)
+                files[f.relative_to(tmp).as_posix()] = f.stat().st_size
+        record["files"] = files  # load checks presence + size of each: catches truncation in any format
+        _write_durable(tmp / TRAINER_STATE, json.dumps(record, indent=2, sort_keys=True))
+        _write_durable(tmp / COMPLETE, f"step {record['step']}\n")
+        self._publish(tmp, final)
 
     def _publish(self, tmp: Path, final: Path) -> None:
         if final.exists():  # same step saved again: move the old one aside, never merge into it
@@ -224,7 +241,10 @@ class CheckpointManager:
         """
         path = Path(path)
         per_rank = dict(per_rank or {})
-        problem = self._precheck(path, accelerator, per_rank)
+        try:
+            problem = self._precheck(path, accelerator, per_rank)
+        except Exception as exc:  # noqa: BLE001 - every rank must reach the all_gather below
+            problem = f"{path}: cannot be checked ({type(exc).__name__}: {_one_line(exc, 160)})"
         problems = [p for p in all_gather_object(problem) if p]  # same verdict on every rank: no hang
         if problems:
             raise CheckpointError(problems[0])
@@ -232,7 +252,8 @@ class CheckpointManager:
         try:
             accelerator.load_state(str(path))
         except Exception as exc:
-            raise CheckpointError(f"{path}: cannot restore into this run ({type(exc).__name__}: {_one_line(exc)})") from exc
+            why = f"{type(exc).__name__}: {_one_line(exc)}"
+            raise CheckpointError(f"{path}: cannot restore into this run ({why})") from exc
         rank = accelerator.process_index
         for name, obj in per_rank.items():
             f = path / f"rank_local_{name}_{rank:05d}.pt"
@@ -303,6 +324,8 @@ class CheckpointManager:
             if not f.is_file():
                 continue
             live = model.state_dict()  # save_state stores the wrapped keys (DDP: "module." prefix)
+            if _file_problem(f):  # another rank reports it (the header checks are spread over ranks)
+                continue
             with safe_open(str(f), "pt") as sf:
                 keys = set(sf.keys())
                 if keys != set(live):

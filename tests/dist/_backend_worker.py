@@ -1,0 +1,236 @@
+"""Worker for tests/dist/test_backends.py, started by the real `accelerate launch` (2 processes).
+
+    accelerate launch --config_file recipes/accelerate/<x>.yaml tests/dist/_backend_worker.py \
+        --backend <b> --out <result.json> --run-dir <dir>
+
+Trains a small MLP on a fixed global batch split evenly over the ranks, next to an in-process
+single-process reference on the full batch, then round-trips a checkpoint through
+CheckpointManager and resumes one step. Rank 0 writes everything the test asserts on to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dist_ssl.engine.checkpoint import CheckpointError, CheckpointManager
+from dist_ssl.parallel import collectives as C
+from dist_ssl.parallel.accelerator import (
+    ParallelConfig,
+    build_accelerator,
+    describe,
+    launcher_backend,
+    prepare_model_and_optimizer,
+)
+
+GLOBAL_BATCH, DIM, STEPS = 16, 8, 4  # STEPS before the checkpoint; one more step after resume
+
+
+class Block(nn.Module):
+    """Residual MLP block; FSDP2 shards each one as its own unit (fsdp_wrap_classes=Block)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.fc(torch.tanh(self.norm(x)))
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)  # identical init on every rank and in the reference
+    return nn.Sequential(nn.Linear(DIM, 16), Block(16), Block(16), nn.Linear(16, 4))
+
+
+def make_opt(model):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + s))
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(GLOBAL_BATCH, DIM, generator=g), torch.randn(GLOBAL_BATCH, 4, generator=g)
+
+
+def reference_losses(n: int) -> list[float]:
+    """The same training, one process, full batch, plain torch."""
+    model = make_model()
+    opt, sched = make_opt(model)
+    x, y = data()
+    out = []
+    for _ in range(n):
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        out.append(loss.item())
+    return out
+
+
+def train_step(acc, model, opt, sched, x, y) -> float:
+    loss = nn.functional.mse_loss(model(x), y)
+    acc.backward(loss)
+    opt.step()
+    sched.step()
+    opt.zero_grad()
+    return C.all_reduce_mean(loss).item()  # even split -> mean of rank means = full-batch loss
+
+
+def param_digest(acc, model) -> str | None:
+    """sha256 of the full (gathered) fp32 parameters on rank 0; collective for FSDP2/ZeRO-3."""
+    sd = acc.get_state_dict(model)
+    if not acc.is_main_process:
+        return None
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        h.update(k.encode())
+        h.update(sd[k].detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def sharding_evidence(model) -> dict:
+    """What the prepared model really is: accelerate falls back silently, so look at the parameters."""
+    params = list(model.parameters())
+    return {
+        "wrapper": type(model).__name__,
+        "dtensor_params": sum(type(p).__name__ == "DTensor" for p in params),
+        "zero_stage": model.zero_optimization_stage() if hasattr(model, "zero_optimization_stage") else None,
+        "zero3_partitioned_params": sum(hasattr(p, "ds_numel") and p.numel() == 0 for p in params),
+        "n_params": len(params),
+    }
+
+
+def collective_checks(rank: int, world: int) -> dict:
+    """2-process checks of dist_ssl.parallel.collectives against single-process math."""
+    res = {"rank": C.get_rank(), "world": C.get_world_size()}
+    res["mean"] = C.all_reduce_mean(torch.tensor([float(rank + 1)])).item()  # (1 + 2) / 2
+    local = torch.arange(rank + 2, dtype=torch.float32).unsqueeze(1) + 10 * rank  # uneven: 2 and 3 rows
+    res["gather_cat"] = C.all_gather_cat(local).squeeze(1).tolist()
+    # all_gather_with_grad: loss_r = sum(w_r * gathered**2); the gradient each rank gets for its rows
+    # must equal d(sum_r loss_r)/d(its rows) computed in one process.
+    g = torch.Generator().manual_seed(3)
+    full = torch.randn(5, 3, generator=g)
+    w = torch.randn(world, 5, 3, generator=g)
+    rows = [slice(0, 2), slice(2, 5)][rank]
+    mine = full[rows].clone().requires_grad_(True)
+    (w[rank] * C.all_gather_with_grad(mine) ** 2).sum().backward()
+    ref = full.clone().requires_grad_(True)
+    sum((w[r] * ref**2).sum() for r in range(world)).backward()
+    res["grad_max_err"] = max(C.all_gather_object((mine.grad - ref.grad[rows]).abs().max().item()))
+    res["broadcast"] = C.broadcast_object({"from": rank})
+    res["gather_object"] = C.all_gather_object(rank * 10)
+    C.barrier()
+    return res
+
+
+SHARD_OF_RANK_1 = {  # a file only rank 1 reads (or, for DDP, the shared weights file)
+    "ddp": "model.safetensors",
+    "fsdp2": "pytorch_model_fsdp_0/__1_0.distcp",
+    "zero1": "pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    "zero2": "pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    "zero3": "pytorch_model/zero_pp_rank_1_mp_rank_00_model_states.pt",
+}
+
+
+def corrupt_copy_fails_everywhere(acc, cm, path: Path, root: Path, backend: str) -> list:
+    """Truncate one shard in a copy of the checkpoint: every rank must raise CheckpointError (no hang)."""
+    bad = root / "checkpoints" / path.name
+    if acc.is_main_process:
+        shutil.copytree(path, bad)
+        f = bad / SHARD_OF_RANK_1[backend]
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    acc.wait_for_everyone()
+    try:
+        CheckpointManager(root).load(bad, acc)
+        msg = None
+    except CheckpointError as exc:
+        msg = str(exc)
+    return C.all_gather_object(msg)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backend", required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--run-dir", type=Path, required=True)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    launcher = launcher_backend()
+    conflict_error = None
+    if launcher is not None:  # a recipe contradicting the launcher must be refused (before any Accelerator)
+        try:
+            other = "zero2" if launcher == "fsdp2" else "fsdp2"
+            build_accelerator(ParallelConfig(backend=other), train_micro_batch_size=8)
+        except ValueError as exc:
+            conflict_error = str(exc)
+    cfg = ParallelConfig(backend=args.backend, fsdp_wrap_classes="Block" if args.backend == "fsdp2" else "")
+    acc = build_accelerator(cfg, train_micro_batch_size=GLOBAL_BATCH // int(os.environ.get("WORLD_SIZE", "1")))
+    rank, world = acc.process_index, acc.num_processes
+    result = {
+        "describe": describe(acc),
+        "device": str(acc.device),
+        "env_world_size": os.environ.get("WORLD_SIZE"),
+        "launcher_backend": launcher,
+        "conflict_error": conflict_error,
+    }
+    if args.backend == "ddp":
+        result["collectives"] = collective_checks(rank, world)
+
+    model = make_model()
+    model, opt, sched = prepare_model_and_optimizer(acc, model, *make_opt(model))
+    result["sharding"] = sharding_evidence(model)
+    x, y = data()
+    per = GLOBAL_BATCH // world
+    x, y = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
+    losses = [train_step(acc, model, opt, sched, x, y) for _ in range(STEPS)]
+
+    cm = CheckpointManager(args.run_dir, keep_last=2)
+    digest_saved = param_digest(acc, model)
+    state = {"epoch": 0, "data_position": STEPS * GLOBAL_BATCH}
+    path = cm.save(STEPS, acc, state)
+    rng_after_save = torch.rand(3).tolist()
+    perturbed = [train_step(acc, model, opt, sched, x, y) for _ in range(2)]  # moves params, moments, lr
+    digest_perturbed = param_digest(acc, model)
+    acc.wait_for_everyone()  # save -> load needs a barrier (ENV.md)
+    loaded_state = cm.load(cm.latest(), acc)
+    rng_after_load = torch.rand(3).tolist()
+    digest_loaded = param_digest(acc, model)
+    resumed_loss = train_step(acc, model, opt, sched, x, y)
+
+    result.update(
+        losses=losses,
+        perturbed=perturbed,
+        resumed_loss=resumed_loss,
+        reference=reference_losses(STEPS + 1),
+        digest_saved=digest_saved,
+        digest_perturbed=digest_perturbed,
+        digest_loaded=digest_loaded,
+        saved_path=str(path),
+        latest=str(cm.latest()),
+        state_in=state,
+        state_out=loaded_state,
+        rng_match=rng_after_save == rng_after_load,
+        ckpt_files=sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()),
+    )
+    result["corrupt_errors"] = corrupt_copy_fails_everywhere(acc, cm, path, args.run_dir / "corrupt", args.backend)
+    rng_all = C.all_gather_object(result["rng_match"])
+    result["rng_match_all_ranks"] = all(rng_all)
+    if acc.is_main_process:
+        args.out.write_text(json.dumps(result, indent=2))
+    acc.wait_for_everyone()
+    acc.end_training()
+
+
+if __name__ == "__main__":
+    main()

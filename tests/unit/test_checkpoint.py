@@ -1,0 +1,292 @@
+"""CheckpointManager in one process (accelerate without a launcher): exact round trip, pruning,
+crash safety and one-line errors for corrupt or incompatible checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dist_ssl.engine.checkpoint import COMPLETE, CRASH_ENV, CheckpointError, CheckpointManager
+from dist_ssl.parallel.accelerator import ParallelConfig, build_accelerator, prepare_model_and_optimizer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def acc():
+    from accelerate.state import AcceleratorState, GradientState
+
+    accelerator = build_accelerator(ParallelConfig())
+    yield accelerator
+    AcceleratorState._reset_state(True)  # accelerate keeps process-wide singletons
+    GradientState._reset_state()
+
+
+def make(acc, out_dim: int = 4):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, out_dim))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + s))
+    return prepare_model_and_optimizer(acc, model, opt, sched)
+
+
+def train(model, opt, sched, acc, steps: int) -> None:
+    for _ in range(steps):
+        x = torch.randn(16, 8)
+        loss = model(x).pow(2).mean()
+        acc.backward(loss)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+
+
+def clone_state(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: clone_state(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(clone_state(v) for v in obj)
+    return obj
+
+
+def assert_same(a, b, where="") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def draws():
+    return random.random(), float(np.random.rand()), torch.rand(2).tolist()
+
+
+def test_round_trip_restores_model_optimizer_scheduler_and_rng(acc, tmp_path):
+    model, opt, sched = make(acc)
+    train(model, opt, sched, acc, 3)
+    cm = CheckpointManager(tmp_path)
+    state = {"epoch": 1, "data_position": 48, "nested": {"seen": [1, 2]}}
+    path = cm.save(3, acc, state)
+    expected = (clone_state(model.state_dict()), clone_state(opt.state_dict()), sched.state_dict(), draws())
+
+    train(model, opt, sched, acc, 2)  # moves params, Adam moments, lr and every RNG
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    assert not torch.equal(model[0].weight, expected[0]["0.weight"])
+
+    loaded = cm.load(path, acc)
+    assert loaded == {**state, "step": 3}
+    assert_same(model.state_dict(), expected[0], "model")
+    assert_same(opt.state_dict(), expected[1], "optimizer")
+    assert sched.state_dict()["last_epoch"] == expected[2]["last_epoch"] == 3
+    assert sched.get_last_lr() == pytest.approx([1e-2 / 4])
+    assert draws() == expected[3]  # python, numpy and torch RNG continue where the save left them
+
+
+def test_keep_last_prunes_oldest_and_stale_temp_dirs(acc, tmp_path):
+    model, opt, sched = make(acc)
+    cm = CheckpointManager(tmp_path, keep_last=2)
+    stale = cm.root / ".tmp_step_00000000_deadbeef"
+    stale.mkdir(parents=True)
+    for step in (1, 2, 3, 4):
+        cm.save(step, acc, {})
+    assert [p.name for p in cm.complete()] == ["step_00000003", "step_00000004"]
+    assert not stale.exists()
+    assert sorted(p.name for p in cm.root.iterdir()) == ["step_00000003", "step_00000004"]
+
+    keep_all = CheckpointManager(tmp_path / "all", keep_last=0)
+    for step in (1, 2, 3, 4):
+        keep_all.save(step, acc, {})
+    assert len(keep_all.complete()) == 4
+
+
+def test_latest_and_resolve_ignore_incomplete_and_temp_dirs(acc, tmp_path):
+    model, opt, sched = make(acc)
+    cm = CheckpointManager(tmp_path)
+    assert cm.latest() is None and cm.resolve("auto") is None
+    good = cm.save(1, acc, {})
+    (cm.root / "step_00000005").mkdir()  # newer, but no COMPLETE marker
+    tmp = cm.root / ".tmp_step_00000009_abcd1234"
+    tmp.mkdir()
+    (tmp / COMPLETE).write_text("")  # temp dirs never count, even with a marker inside
+    (cm.root / "step_00000007").write_text("a file, not a checkpoint")
+    assert cm.latest() == good
+    assert cm.resolve("auto") == good
+    assert cm.resolve("none") is None
+    assert cm.resolve(str(good)) == good
+    with pytest.raises(CheckpointError, match="COMPLETE: missing"):
+        cm.resolve(str(cm.root / "step_00000005"))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        cm.resolve(str(tmp_path / "nope"))
+
+
+CRASH_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, torch
+    from pathlib import Path
+    from torch import nn
+    from dist_ssl.engine.checkpoint import CheckpointManager
+    from dist_ssl.parallel.accelerator import ParallelConfig, build_accelerator, prepare_model_and_optimizer
+
+    out = Path(sys.argv[1])
+    acc = build_accelerator(ParallelConfig())
+    torch.manual_seed(0)
+    model = nn.Linear(8, 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, opt, _ = prepare_model_and_optimizer(acc, model, opt)
+
+    def step():
+        acc.backward(model(torch.randn(4, 8)).pow(2).mean())
+        opt.step()
+        opt.zero_grad()
+
+    cm = CheckpointManager(out)
+    step()
+    cm.save(1, acc, {"epoch": 0})
+    torch.save(model.state_dict(), out / "expected.pt")
+    step()
+    os.environ["{crash_env}"] = "1"
+    cm.save(2, acc, {"epoch": 0})
+    print("save returned: the crash hook did not fire")
+    """
+).replace("{crash_env}", CRASH_ENV)
+
+
+def test_crash_mid_save_leaves_previous_checkpoint_loadable(acc, tmp_path):
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr[-2000:]
+    cm = CheckpointManager(tmp_path)
+    temps = [p for p in cm.root.iterdir() if p.name.startswith(".tmp_step_00000002_")]
+    assert temps and (temps[0] / "model.safetensors").is_file()  # it did die mid-save
+    assert not cm.path_for(2).exists()
+    assert cm.latest() == cm.path_for(1)
+
+    torch.manual_seed(1)
+    model = nn.Linear(8, 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, opt, _ = prepare_model_and_optimizer(acc, model, opt)
+    assert cm.load(cm.latest(), acc) == {"epoch": 0, "step": 1}
+    assert_same(model.state_dict(), torch.load(tmp_path / "expected.pt", weights_only=True))
+    cm.save(3, acc, {})  # the next successful save cleans the crashed temp dir up
+    assert not temps[0].exists()
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"])
+def test_truncated_file_raises_one_line_error_naming_it(acc, tmp_path, name):
+    model, opt, sched = make(acc)
+    train(model, opt, sched, acc, 1)
+    cm = CheckpointManager(tmp_path)
+    path = cm.save(1, acc, {})
+    f = path / name
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError) as err:
+        cm.load(path, acc)
+    msg = str(err.value)
+    assert str(f) in msg and "\n" not in msg
+
+
+def test_bad_trainer_state_missing_file_and_missing_marker(acc, tmp_path):
+    model, opt, sched = make(acc)
+    cm = CheckpointManager(tmp_path)
+    path = cm.save(1, acc, {})
+    gone = path / "optimizer.bin"
+    data = gone.read_bytes()
+    gone.unlink()
+    with pytest.raises(CheckpointError, match="optimizer.bin: missing"):
+        cm.load(path, acc)
+    gone.write_bytes(data)
+    cm.load(path, acc)
+    (path / "trainer_state.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="trainer_state.json: unreadable"):
+        cm.load(path, acc)
+    (path / COMPLETE).unlink()
+    with pytest.raises(CheckpointError, match="COMPLETE: missing"):
+        cm.load(path, acc)
+
+
+def test_shape_mismatch_names_the_file_and_parameter(acc, tmp_path):
+    from accelerate.state import AcceleratorState, GradientState
+
+    make(acc, out_dim=4)
+    path = CheckpointManager(tmp_path).save(1, acc, {})
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    other = build_accelerator(ParallelConfig())
+    make(other, out_dim=5)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: shape mismatch for '2\.(weight|bias)'"):
+        CheckpointManager(tmp_path).load(path, other)
+
+
+def test_per_rank_objects_round_trip(acc, tmp_path):
+    make(acc)
+    local = nn.Linear(3, 2)  # stands in for a model-parallel shard that must stay out of DDP
+    local_opt = torch.optim.SGD(local.parameters(), lr=0.1, momentum=0.9)
+    local(torch.randn(2, 3)).sum().backward()
+    local_opt.step()
+    cm = CheckpointManager(tmp_path)
+    path = cm.save(1, acc, {}, per_rank={"fc": local, "fc_opt": local_opt})
+    assert (path / "rank_local_fc_00000.pt").is_file()
+    expected = clone_state(local.state_dict()), clone_state(local_opt.state_dict())
+    with torch.no_grad():
+        local.weight.add_(1.0)
+    local_opt.state.clear()
+    cm.load(path, acc, per_rank={"fc": local, "fc_opt": local_opt})
+    assert_same(local.state_dict(), expected[0])
+    assert_same(local_opt.state_dict(), expected[1])
+    with pytest.raises(CheckpointError, match="per-rank objects"):
+        cm.load(path, acc)
+
+
+def test_write_failure_raises_and_keeps_previous_checkpoint(acc, tmp_path):
+    make(acc)
+    cm = CheckpointManager(tmp_path)
+    good = cm.save(1, acc, {})
+
+    class Broken:
+        def state_dict(self):
+            raise OSError("No space left on device")
+
+    with pytest.raises(CheckpointError, match="rank 0 could not write its files .*No space left"):
+        cm.save(2, acc, {}, per_rank={"shard": Broken()})
+    assert cm.latest() == good and not cm.path_for(2).exists()
+
+
+def test_save_rejects_non_json_state_before_writing(acc, tmp_path):
+    make(acc)
+    cm = CheckpointManager(tmp_path)
+    with pytest.raises(TypeError):
+        cm.save(1, acc, {"bad": object()})
+    assert not cm.root.exists()
+    with pytest.raises(ValueError, match="keep_last"):
+        CheckpointManager(tmp_path, keep_last=-1)
+
+
+def test_trainer_state_json_layout(acc, tmp_path):
+    make(acc)
+    path = CheckpointManager(tmp_path).save(12, acc, {"epoch": 2})
+    assert path.name == "step_00000012"
+    record = json.loads((path / "trainer_state.json").read_text())
+    assert record["step"] == 12 and record["state"] == {"epoch": 2}
+    assert record["meta"]["backend"] == "single" and record["meta"]["num_processes"] == 1
