@@ -56,20 +56,28 @@ def _load_yaml(path: Path, seen: tuple[Path, ...]) -> dict:
     return merge(parent, data)
 
 
-def merge(base: dict, update: dict) -> dict:
-    """Recursive dict merge; `update` wins. A changed variant `name` drops the base's other
-    keys of that section (they belong to the old variant)."""
+def merge(base: dict, update: dict, _top: bool = True) -> dict:
+    """Recursive dict merge; `update` wins. When a recipe switches a variant section (e.g.
+    `method.name`), the base's other keys of that section are dropped: they belong to the
+    old variant."""
     out = copy.deepcopy(base)
     for key, value in update.items():
         old = out.get(key)
         if isinstance(old, dict) and isinstance(value, dict):
-            if "name" in value and "name" in old and value["name"] != old["name"]:
+            if _top and _switches_variant(key, old, value.get("name")):
                 out[key] = copy.deepcopy(value)
             else:
-                out[key] = merge(old, value)
+                out[key] = merge(old, value, _top=False)
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def _switches_variant(section: str, old: dict, new_name: object) -> bool:
+    from dist_ssl.config.registry import variant_sections
+
+    return (new_name is not None and "name" in old and old["name"] != new_name
+            and section in variant_sections())
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -100,7 +108,7 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
                 raise ConfigError(".".join(parts[: i + 1]),
                                   f"is a value ({child!r}), cannot set {'.'.join(parts)}")
             node = child
-        if parts[-1] == "name" and node.get("name") not in (None, value):
+        if len(parts) == 2 and parts[1] == "name" and _switches_variant(parts[0], node, value):
             # switching a variant (e.g. method.name) drops the old variant's keys
             node.clear()
         node[parts[-1]] = value

@@ -65,6 +65,11 @@ def sections() -> dict[str, type]:
     return dict(_SECTIONS)
 
 
+def variant_sections() -> set[str]:
+    """Top-level section names whose dataclass is a variant base (chosen by `name`)."""
+    return {name for name, cls in sections().items() if cls in _VARIANTS}
+
+
 def variants(base: type) -> dict[str, type]:
     return dict(_VARIANTS.get(base, {}))
 

@@ -156,3 +156,14 @@ def test_exponent_floats_without_dot_are_numbers(tmp_path):
     recipe.write_text("pair: [5e-4, 1E+2]\n")
     from dist_ssl.config.overrides import load_yaml
     assert from_dict(ToyRun, load_yaml(recipe)).pair == (5e-4, 100.0)
+
+
+def test_name_override_of_a_plain_section_keeps_its_other_keys(tmp_path):
+    # `model` has a `name` field but is not a variant: changing it must not drop img_size
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("output_dir: /o\ntrain: {epochs: 1}\nmodel: {name: vit_nano, img_size: 28}\n"
+                      "method: {name: supervised, label_smoothing: 0.1}\n")
+    cfg = load_config(recipe, ["model.name=vit_pico"])
+    assert (cfg.model.name, cfg.model.img_size) == ("vit_pico", 28)
+    cfg = load_config(recipe, ["method.name=supervised"])
+    assert cfg.method.label_smoothing == 0.1
