@@ -21,7 +21,7 @@ from dist_ssl.engine.ema import ModelEMA
 from dist_ssl.engine.optim import absolute_lr, build_optimizer, param_groups, resolve_warmup_steps
 from dist_ssl.engine.schedules import build_lr_scheduler
 from dist_ssl.methods import Method, MethodContext, build_method
-from dist_ssl.parallel.accelerator import build_accelerator, describe, prepare_model_and_optimizer
+from dist_ssl.parallel.accelerator import build_accelerator, prepare_model_and_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,3 @@ def build_run(cfg) -> RunParts:
 def run_name(cfg) -> str:
     return os.path.basename(os.path.normpath(cfg.output_dir))
 
-
-def backend_summary(parts: RunParts) -> dict:
-    return describe(parts.accelerator)

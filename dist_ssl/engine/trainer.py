@@ -23,12 +23,14 @@ from dist_ssl.engine.metrics import build_sinks, memory_stats
 from dist_ssl.engine.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
 from dist_ssl.engine.progress import Progress
 from dist_ssl.engine.setup import RunParts, build_run, run_name
+from dist_ssl.parallel.accelerator import describe
 from dist_ssl.data.atomic import atomic_write_json
 from dist_ssl.models.export import export_backbone
 
 log = logging.getLogger(__name__)
 BACKBONE_FILE = "backbone.safetensors"
 EVAL_FILE = "eval.json"
+RUN_INFO_FILE = "run.json"  # derived values of this launch: backend, world size, lr, steps
 
 
 class _StateAdapter:
@@ -64,6 +66,7 @@ class Trainer:
         acc, parts = self.parts.accelerator, self.parts
         if self.is_main:
             save_config(self.cfg, self.out / "config.yaml")
+            atomic_write_json(self.out / RUN_INFO_FILE, self.run_info())
         self._maybe_resume()
         flag = PreemptionFlag()
         progress = Progress(parts.total_steps, enabled=self.is_main, start=self.step)
@@ -84,6 +87,13 @@ class Trainer:
             flag.close()
             self.sinks.close()
             acc.wait_for_everyone()
+
+    def run_info(self) -> dict:
+        parts = self.parts
+        return {**describe(parts.accelerator), "global_batch": parts.global_batch, "lr": parts.lr,
+                "steps_per_epoch": parts.steps_per_epoch, "total_steps": parts.total_steps,
+                "num_samples": parts.loader.num_samples, "num_classes": parts.loader.num_classes,
+                "method": self.cfg.method.name}
 
     def _maybe_resume(self) -> None:
         path = self.ckpt.resolve(self.cfg.resume)

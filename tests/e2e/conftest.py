@@ -1,0 +1,51 @@
+"""Helpers for running the real `tools/train.py` CLI on real Fashion-MNIST shards."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = REPO / "recipes" / "supervised_fmnist2k.yaml"
+# A tiny, fast configuration of the quickstart recipe (0.46M-parameter ViT).
+FAST = ["model.name=vit_pico_patch4_28", "model.drop_path=0.0", "train.batch_size=32",
+        "data.num_workers=1", "metrics.log_every_steps=1", "optim.warmup_epochs=null",
+        "optim.warmup_steps=2",
+        "optim.base_lr=2e-3"]
+
+
+def train_env() -> dict:
+    env = dict(os.environ, DIST_SSL_PROGRESS="0", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    return env
+
+
+def train_args(out: Path, train: Path, val: Path | None, *overrides: str) -> list[str]:
+    args = [sys.executable, str(REPO / "tools" / "train.py"), str(RECIPE), f"output_dir={out}",
+            f"data.train={train}", *FAST]
+    args.append(f"data.val={val}" if val else "data.val=null")
+    return args + list(overrides)
+
+
+def run_train(out: Path, train: Path, val: Path | None, *overrides: str, timeout: int = 300):
+    return subprocess.run(train_args(out, train, val, *overrides), cwd=REPO, env=train_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_log(out: Path, kind: str = "train") -> list[dict]:
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == kind]
+
+
+@pytest.fixture(scope="session")
+def baseline_run(tmp_path_factory, fmnist2k_shards, fmnist_test_shards_small) -> Path:
+    """One uninterrupted 12-step single-process run; several tests compare against it."""
+    out = tmp_path_factory.mktemp("baseline") / "run"
+    proc = run_train(out, fmnist2k_shards, fmnist_test_shards_small, "train.steps=12",
+                     "ckpt.every_steps=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
