@@ -52,9 +52,11 @@ class Trainer:
         acc.register_for_checkpointing(_StateAdapter(method.extra_state_dict, method.load_extra_state_dict))
         if self.parts.ema is not None:
             acc.register_for_checkpointing(self.parts.ema)
-        self.per_rank = {}
+        self.per_rank = {}  # rank-local (model-parallel) state: every rank saves its own share
         if self.parts.local_optimizer is not None:
-            self.per_rank = {"local_optimizer": self.parts.local_optimizer,
+            self.per_rank = {"local_modules": _StateAdapter(method.local_state_dict,
+                                                            method.load_local_state_dict),
+                             "local_optimizer": self.parts.local_optimizer,
                              "local_scheduler": self.parts.local_scheduler}
         self.step = 0
         self.sinks = build_sinks(cfg.metrics, self.out, run=run_name(cfg), rank=acc.process_index,

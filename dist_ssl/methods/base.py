@@ -88,8 +88,23 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def extra_state_dict(self) -> dict[str, torch.Tensor]:
-        """Method state outside ``student`` (teachers, queues, centers, local modules)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("student.")}
+        """Method state outside ``student`` and the rank-local modules (teachers, queues,
+        centers): the same on every rank, saved once."""
+        skip = ("student.",) + tuple(f"{p}." for p in self._local_prefixes())
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
+
+    def local_state_dict(self) -> dict[str, Any]:
+        """This rank's share of the rank-local modules (e.g. its classifier shard); saved by
+        every rank. Override to add what re-sharding needs (e.g. the class range)."""
+        return {p: self.get_submodule(p).state_dict() for p in self._local_prefixes()}
+
+    def load_local_state_dict(self, state: dict[str, Any]) -> None:
+        for prefix, sub in state.items():
+            self.get_submodule(prefix).load_state_dict(sub)
+
+    def _local_prefixes(self) -> list[str]:
+        ids = {id(m) for m in self.local_modules()}
+        return [name for name, m in self.named_modules() if id(m) in ids and name]
 
     def load_extra_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         own = self.extra_state_dict()
