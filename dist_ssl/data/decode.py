@@ -1,0 +1,110 @@
+"""Reading sample ranges out of WebDataset tars, and decoding one sample.
+
+The train/eval loader reads ``Range(shard, start, count)`` sub-ranges of shards (see
+``stream_plan``), which webdataset's shard-level pipeline cannot express, so tars are read
+here with :mod:`tarfile` on the seekable file: members before ``start`` and members of samples a
+resumed run skips are passed over by header only (``tarfile`` seeks over their data), never
+read or decoded. Members are grouped into samples by key exactly as webdataset does
+(``webdataset.tariterators.base_plus_ext``: ``000000123.png`` -> key ``000000123``, ext ``png``).
+
+Unreadable data never raises here: a sample that cannot be read (truncated tar, fewer samples
+than the manifest says, I/O error) comes out as ``None`` and the loader replaces it.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from PIL import Image
+from webdataset.tariterators import base_plus_ext
+
+from dist_ssl.data.images import IMAGE_EXTS
+
+log = logging.getLogger(__name__)
+
+SKIPPED = object()  # placeholder for a sample whose bytes were not read (resume skip)
+_IMAGE_EXTS = IMAGE_EXTS | {"jpeg", "tif"}
+
+
+class SampleError(ValueError):
+    """A sample whose image, ``cls`` or ``idx`` is missing or does not decode."""
+
+
+def _groups(tf: tarfile.TarFile) -> Iterator[tuple[str, list[tarfile.TarInfo]]]:
+    """(key, members) per sample, in tar order; non-files and unkeyed names are ignored.
+
+    Uses ``tf.next()`` and drops tarfile's member cache as it goes, so memory stays flat on
+    large shards (iterating a TarFile keeps every TarInfo).
+    """
+    key, members = None, []
+    while (m := tf.next()) is not None:
+        tf.members.clear()
+        if not m.isfile():
+            continue
+        k, _ = base_plus_ext(m.name)
+        if k is None:
+            continue
+        if k != key and members:
+            yield key, members
+            members = []
+        key = k
+        members.append(m)
+    if members:
+        yield key, members
+
+
+def read_range(path: Path, start: int, count: int,
+               wanted: Callable[[int], bool]) -> Iterator[Optional[dict]]:
+    """Yield exactly ``count`` samples of ``path`` starting at sample ``start``.
+
+    Each is ``{"__key__": key, ext: bytes, ...}``; ``SKIPPED`` where ``wanted(i)`` is false for
+    the i-th sample of the range (its bytes are not read); ``None`` where it cannot be read.
+    """
+    done = 0
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for i, (key, members) in enumerate(_groups(tf)):
+                if i < start:
+                    continue
+                if done == count:
+                    break
+                if not wanted(done):
+                    yield SKIPPED
+                else:
+                    sample = {"__key__": key}
+                    for m in members:
+                        sample[base_plus_ext(m.name)[1]] = tf.extractfile(m).read()
+                    yield sample
+                done += 1
+    except (OSError, tarfile.TarError, EOFError) as e:
+        log.warning("%s: unreadable after sample %d of range [%d, +%d): %s",
+                    path.name, start + done, start, count, e)
+    if done < count:
+        log.warning("%s: %d of %d samples from %d missing; they count as corrupt",
+                    path.name, count - done, count, start)
+    for _ in range(count - done):
+        yield None
+
+
+def decode_sample(sample: Optional[dict]) -> tuple[Image.Image, int, int]:
+    """(PIL image fully loaded, class id, instance id) or :class:`SampleError`."""
+    if sample is None:
+        raise SampleError("unreadable sample")
+    key = sample.get("__key__", "?")
+    ext = next((e for e in sample if e.lower() in _IMAGE_EXTS), None)
+    if ext is None:
+        raise SampleError(f"sample {key}: no image member (have {sorted(sample)})")
+    try:
+        label = int(sample["cls"])
+        idx = int(sample["idx"])
+        img = Image.open(io.BytesIO(sample[ext]))
+        img.load()
+    except KeyError as e:
+        raise SampleError(f"sample {key}: missing member {e}") from None
+    except Exception as e:  # noqa: BLE001 - any decoder failure makes the sample corrupt
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SampleError(f"sample {key}: {msg}") from None
+    return img, label, idx
