@@ -97,7 +97,10 @@ def _color_jitter(img: Image.Image, rng: random.Random, strength) -> Image.Image
         fn, amount, is_hue = ops[i]
         if amount <= 0:
             continue
-        factor = rng.uniform(-amount, amount) if is_hue else rng.uniform(max(0, 1 - amount), 1 + amount)
+        if is_hue:
+            factor = rng.uniform(-amount, amount)
+        else:
+            factor = rng.uniform(max(0.0, 1 - amount), 1 + amount)
         if img.mode == "L" and fn in (TF.adjust_saturation, TF.adjust_hue):
             continue  # no colour to change; the draw above still happens (stable RNG use)
         img = fn(img, factor)

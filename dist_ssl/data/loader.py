@@ -13,7 +13,10 @@ process. With ``uint8_views=True`` they stay uint8: move them to the accelerator
 What an epoch is (ids, repeats, drops, equal batch counts per rank) is documented in
 :mod:`dist_ssl.data.stream_plan`. Batches are made inside DataLoader workers (``batch_size=None``);
 worker w makes batches ``b % W == w`` of its rank, which is the order torch's DataLoader asks
-for them in, so ``(epoch, step)`` maps to a known number of already-made batches per worker.
+for them in, so ``(epoch, step)`` maps to a known number of already-made batches per worker (on
+resume, DataLoader worker j plays stream ``(j + step) % W``, as torch asks worker 0 first).
+A batch draws from its stream's stretch of the epoch order (a few shards at most); the shard
+writer shuffles ids globally, so shards are class-mixed (as in any webdataset pipeline).
 
 Resume: ``set_position(epoch, step)`` makes the next iteration start at batch ``step``. Every
 stream's sample order is known in advance and every view is seeded by (seed, epoch, id, repeat,
@@ -47,16 +50,13 @@ from dist_ssl.data.views import ViewSpec, eval_view_spec
 
 log = logging.getLogger(__name__)
 _MAX_WARNINGS = 10  # per worker and epoch; then one summary line
-# How DataLoader workers start (they restart every epoch: persistent_workers=False).
-# - "fork" from a training process is unsafe: CPython 3.11 can deadlock the child in
-#   PyOS_AfterFork_Child when another Python thread (here: the previous epoch's queue feeder
-#   threads, elsewhere: metric/checkpoint threads) is being created or torn down at fork time;
-#   seen in this repo's 2-rank gloo test as a worker stuck forever at an epoch start.
-# - "spawn" (the default inside processes started with spawn) re-imports torch in every worker
-#   every epoch: seconds per epoch.
-# - "forkserver" (default): a single-threaded server process imports this module once
-#   (~5 s, first epoch only), then forks workers from it (~0.3 s per epoch). ViewSpec.hook must
-#   then be picklable (a module-level function or a timm transform object, not a lambda).
+# How DataLoader workers start (they restart every epoch). "fork" from a training process can
+# deadlock the child in CPython's PyOS_AfterFork_Child if another Python thread (the previous
+# epoch's queue feeders, metric/checkpoint threads) starts or ends at that moment: seen here as a
+# worker stuck forever in the 2-rank gloo test. "spawn" re-imports torch per worker per epoch.
+# "forkserver" imports this module once in a single-threaded server (~5 s), then forks workers
+# from it (~0.3 s/epoch); as with spawn, scripts need the __main__ guard and ViewSpec.hook must
+# be picklable. (Python 3.14 makes forkserver the Linux default for this reason.)
 _DEFAULT_MP = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else None
 
 
@@ -138,7 +138,8 @@ class ShardStream(IterableDataset):
                 return None
             self._bad += 1
             if self._bad <= _MAX_WARNINGS:
-                log.warning("rank %d epoch %d: corrupt sample skipped: %s", self.rank, self.epoch, e)
+                log.warning("rank %d epoch %d: corrupt sample skipped: %s",
+                            self.rank, self.epoch, e)
             return None
 
     def _collate(self, decoded):
@@ -240,11 +241,9 @@ class TrainLoader:
         self.set_position(epoch, 0)
 
     def set_position(self, epoch: int, step: int) -> None:
-        if epoch < 0 or step < 0:
-            raise ValueError(f"position must be non-negative, got ({epoch}, {step})")
+        if epoch < 0 or not 0 <= step <= len(self):  # len() does not depend on the epoch
+            raise ValueError(f"position ({epoch}, {step}) outside 0 <= step <= {len(self)}")
         self.epoch, self._start, self._step = epoch, step, step
-        if step > len(self):
-            raise ValueError(f"step {step} > {len(self)} batches per epoch")
 
     def __iter__(self):
         self.stream.epoch, self.stream.start_step = self.epoch, self._start
@@ -254,7 +253,7 @@ class TrainLoader:
         if self.num_workers > 0:
             ctx = multiprocessing.get_context(self.mp_context)
             if self.mp_context == "forkserver":
-                ctx.set_forkserver_preload([__name__])  # ignored once the server runs
+                ctx.set_forkserver_preload(["__main__", __name__])  # no-op once it runs
             kwargs = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False,
                       "multiprocessing_context": ctx}
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
@@ -293,7 +292,15 @@ def build_train_loader(shard_dir, view_spec: ViewSpec, batch_size: int, *, rank:
                        pin_memory: bool = False, prefetch_factor: int = 2,
                        mp_context: str | None = _DEFAULT_MP,
                        uint8_views: bool = False) -> TrainLoader:
-    """Training loader for one rank; ``batch_size`` is per rank. See module docstrings."""
+    """Training loader for one rank (semantics: this module's and ``stream_plan``'s docstrings).
+
+    batch_size: per rank. num_workers: DataLoader workers (0 = in this process); the epoch
+    order depends on it, so resume with the same value. drop_last: False pads with the fewest
+    repeats so every rank gets ceil(N / (world_size * batch_size)) full batches; True drops
+    the remainder. shuffle_buffer: samples a worker holds to shuffle its stream (encoded bytes).
+    uint8_views: leave views uint8 (normalise on the device with ``loader.normalize``); with
+    pin_memory it is the uint8 views that get pinned. mp_context: see ``_DEFAULT_MP``.
+    """
     stream = ShardStream(shard_dir, view_spec, batch_size, rank=rank, world_size=world_size,
                          num_workers=num_workers, seed=seed, drop_last=drop_last,
                          shuffle_buffer=shuffle_buffer, train=True)

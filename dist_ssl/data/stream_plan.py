@@ -21,7 +21,8 @@ B the per-rank batch size.
    The ``T`` positions are cut into contiguous chunks, one per stream, in (rank, worker) order,
    each exactly ``B x`` its batch count long. A chunk becomes a few ``Range(shard, start, count,
    rep)``: shards hold contiguous id ranges, so this works with uneven shard sizes and with fewer
-   shards than R*W (streams then read sub-ranges of the same shard).
+   shards than R*W (streams then read sub-ranges of the same shard). No stream is empty unless
+   a rank has fewer batches than workers (then the spare workers just yield nothing).
 4. Inside a stream the samples are shuffled with a bounded buffer whose output order is a
    permutation of stream positions precomputed from ``(seed, epoch, rank, worker)``
    (:func:`buffer_permutation`). Knowing the order in advance is what lets a resumed run skip
@@ -56,7 +57,7 @@ class Range:
 
 @dataclass(frozen=True)
 class EpochPlan:
-    """streams[rank][worker] -> ranges read in order; stream_batches[rank][worker] -> batch count."""
+    """streams[rank][worker]: ranges read in order; stream_batches[rank][worker]: batches."""
 
     streams: list[list[list[Range]]]
     stream_batches: list[list[int]]

@@ -123,6 +123,23 @@ def test_uint8_views_then_normalize_equal_float_path(fmnist2k_shards, reference)
         assert all(torch.equal(x, loader.normalize(y)) for x, y in zip(a["views"], b["views"]))
 
 
+def _random_rotate(img):  # module level: picklable for the forkserver workers
+    import random
+    return img.rotate(random.uniform(-40, 40))
+
+
+def test_global_rng_hook_through_workers_is_reproducible(fmnist2k_shards):
+    spec = ViewSpec([CropGroup(2, 16)], policy="supervised", in_chans=1, hook=_random_rotate)
+    runs = []
+    for _ in range(2):
+        loader = build_train_loader(fmnist2k_shards, spec, 64, num_workers=2, seed=1)
+        loader.set_position(0, 29)
+        runs.append(list(loader))
+    assert len(runs[0]) == 3
+    for a, b in zip(*runs):
+        assert all(torch.equal(x, y) for x, y in zip(a["views"], b["views"]))
+
+
 def test_resume_skips_without_decoding(fmnist2k_shards, monkeypatch):
     calls = []
     real = loader_mod.decode_sample

@@ -34,7 +34,8 @@ def test_multicrop_shapes(photo, policy, in_chans):
     batch = normalize(raw, *spec.norm)
     assert batch.shape == (2, in_chans, 112, 112) and batch.dtype == torch.float32
     mean, std = spec.norm
-    ref = (raw.double() / 255 - torch.tensor(mean).view(1, -1, 1, 1).double()) / torch.tensor(std).view(1, -1, 1, 1).double()
+    m, s = (torch.tensor(v, dtype=torch.float64).view(1, -1, 1, 1) for v in (mean, std))
+    ref = (raw.double() / 255 - m) / s
     assert torch.allclose(batch.double(), ref, atol=1e-5)
 
 
