@@ -1,0 +1,364 @@
+"""Exact N-way linear classifier sharded over ranks, with sparse soft-target cross-entropy.
+
+IDMM (Cao, Yu & Wu, "Training Vision Transformers with Only 2040 Images", ECCV 2022) trains one
+class per training image: W is [N, D] with N up to 1,281,167 (ImageNet), too big for one device
+with its gradient and AdamW state (16*N*D bytes) and its B x N logits. Each of P ranks owns a
+contiguous class range (``shard_range``); features of the global batch are all-gathered (with
+autograd), every rank computes logits of the global batch for its own classes only, and the
+softmax normaliser comes from all-reduces of per-row statistics, so the loss is exact.
+
+Shape legend: B = this rank's rows, M = rows of all ranks (global batch, rank order), D = feature
+dim, N = number of classes (global), n_local = classes of this rank, C = logit chunk rows.
+
+Loss (soft target as timm's mixup target, passed sparsely, never as an M x N tensor):
+    q_i = (1-eps) * (lam_i * onehot(a_i) + (1-lam_i) * onehot(b_i)) + eps/N
+    L   = mean_i  -sum_j q_ij log p_ij  =  mean_i [ lse_i - (1-eps)(lam_i z_ia + (1-lam_i) z_ib)
+                                                     - eps/N * sum_j z_ij ]
+The last sum runs over all N classes (a local sum, all-reduced). Megatron's vocab-parallel CE
+uses the local class count and a local mean there, which is wrong under sharding; PyTorch's
+loss_parallel does not take soft targets.
+
+Gradient convention: the result is one scalar L, the same on every rank; ``weight_shard.grad``
+gets dL/dW[my rows] and ``features.grad`` gets dL/dx[my rows] (partial feature gradients of all
+ranks are summed back to the producing rank by a reduce-scatter). A data-parallel wrapper that
+*averages* backbone gradients over P ranks then yields dL/dtheta / P for the backbone; use
+``grad_scale(features, P)`` before the loss to undo that without touching the shard's gradient.
+
+Memory: the global-batch logits are processed in chunks of C rows into one reused C x n_local
+buffer; forward keeps only per-row statistics (O(M)) and backward recomputes each chunk's logits
+(one extra matmul: ~4/3 of a dense layer's FLOPs). With chunk_size=None (one chunk) the buffer
+[M, n_local] is kept from forward to backward instead and nothing is recomputed.
+Besides it: the gathered features and their gradient (M x D) and the weight gradient.
+Precision: computed in the weight's dtype with autocast disabled (features are cast to it);
+per-row statistics in at least fp32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dist_ssl.parallel.sharded_fc_ckpt import reshard_rows, reshard_state
+
+__all__ = ["shard_range", "sharded_soft_cross_entropy", "reshard_rows", "grad_scale", "init_rows", "ShardedLinear"]
+
+INIT_BLOCK_ROWS = 4096  # init RNG granularity: row i depends only on (seed, i // 4096), never on P or N
+
+
+# ----------------------------------------------------------------------------- layout
+def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
+    """(shard_start, n_local) of ``rank``: contiguous ranges in rank order covering [0, N);
+    sizes differ by at most 1 and the first N % P ranks get the extra class."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+    base, extra = divmod(num_classes, world_size)
+    return rank * base + min(rank, extra), base + (1 if rank < extra else 0)
+
+
+def _group_rank_size(group) -> tuple[int, int]:
+    """(rank, world size) in ``group``; (0, 1) without an initialised process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+# ----------------------------------------------------------------------------- gathers
+def _gather_sizes(n: int, device: torch.device, group, world: int) -> list[int]:
+    size = torch.tensor([n], dtype=torch.long, device=device)  # on the data's device (NCCL needs GPU)
+    return [int(s) for s in _all_gather_equal(size, group, world)]
+
+
+def _all_gather_equal(t: torch.Tensor, group, world: int) -> list[torch.Tensor]:
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return parts
+
+
+def _pad_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    return t if t.shape[0] == n else torch.cat([t, t.new_zeros((n - t.shape[0], *t.shape[1:]))])
+
+
+def _gather_rows(t: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """[B, *] per rank (B may differ) -> [M, *] in rank order; no autograd."""
+    parts = _all_gather_equal(_pad_rows(t, max(sizes)), group, len(sizes))
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather of feature rows; backward sums every rank's partial gradient of this rank's
+    rows (reduce-scatter): each rank's logits cover only its classes, so the full dL/dx is the
+    sum of the ranks' partial products grad_z @ W_shard."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, sizes: list[int], rank: int, group) -> torch.Tensor:
+        ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
+        return _gather_rows(t, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        sizes, n_max = ctx.sizes, max(ctx.sizes)
+        pieces = [_pad_rows(g, n_max).contiguous() for g in grad.split(sizes)]
+        out = torch.empty_like(pieces[0])
+        dist.reduce_scatter(out, pieces, op=dist.ReduceOp.SUM, group=ctx.group)
+        return out[: sizes[ctx.rank]], None, None, None
+
+
+class _GradScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
+def grad_scale(t: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity in forward; multiplies the gradient by ``factor`` in backward (see module doc)."""
+    return t if factor == 1 else _GradScale.apply(t, float(factor))
+
+
+# ----------------------------------------------------------------------------- the loss
+class _ShardedSoftCE(torch.autograd.Function):
+    """Loss of the gathered rows x [M, D] against this rank's classes; see the module doc.
+
+    With one chunk (chunk >= M) the forward's exp(z - rowmax) buffer [M, n_local] is kept for
+    backward (no recompute: 3 matmuls per step, like a dense layer); with several chunks only
+    O(M) statistics are kept and backward recomputes each chunk's logits (4 matmuls).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, b, a, bb, lam, start: int, num_classes: int, eps: float, chunk: int, group):
+        stat = torch.promote_types(w.dtype, torch.float32)
+        m_rows, n_local = x.shape[0], w.shape[0]
+        la, lb = a - start, bb - start
+        in_a, in_b = (la >= 0) & (la < n_local), (lb >= 0) & (lb < n_local)
+        la, lb = la.clamp(0, max(n_local - 1, 0)), lb.clamp(0, max(n_local - 1, 0))
+        lam = lam.to(stat)
+        lse_loc = torch.full((m_rows,), -math.inf, dtype=stat, device=x.device)
+        tgt_loc = torch.zeros(m_rows, dtype=stat, device=x.device)
+        buf = x.new_empty((min(chunk, m_rows), n_local), dtype=stat)  # the one chunk-sized buffer
+        ctx.cache = None
+        for s in range(0, m_rows if n_local else 0, chunk):
+            e = min(m_rows, s + chunk)
+            z = _chunk_logits(x[s:e], w, b, buf[: e - s])
+            za = torch.where(in_a[s:e], z.gather(1, la[s:e, None]).squeeze(1), 0.0)
+            zb = torch.where(in_b[s:e], z.gather(1, lb[s:e, None]).squeeze(1), 0.0)
+            tgt_loc[s:e] = (1 - eps) * (lam[s:e] * za + (1 - lam[s:e]) * zb) + (eps / num_classes) * z.sum(1)
+            zmax = z.amax(1)
+            lse_loc[s:e] = zmax + z.sub_(zmax[:, None]).exp_().sum(1).log_()
+            if e - s == m_rows:
+                ctx.cache = (z, zmax)  # exp(z - zmax): p = this * exp(zmax - lse) in backward
+        lse, tgt = _global_stats(lse_loc, tgt_loc, group)
+        ctx.save_for_backward(x, w, b, lse, la, lb, in_a, in_b, lam)
+        ctx.cfg = (num_classes, eps, chunk)
+        return (lse - tgt).mean()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, b, lse, la, lb, in_a, in_b, lam = ctx.saved_tensors
+        num_classes, eps, chunk = ctx.cfg
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx = torch.zeros_like(x) if need_x else None
+        gw = torch.zeros_like(w) if need_w else None
+        gb = torch.zeros_like(b) if need_b else None
+        scale = g.to(lse.dtype) / x.shape[0]  # dL/dz = scale * (p - q); applied to the small factors
+        cache, ctx.cache = ctx.cache, None  # a second backward (retain_graph) recomputes
+        buf = None
+        with torch.autocast(x.device.type, enabled=False):
+            for s in range(0, x.shape[0] if w.shape[0] else 0, chunk):
+                e = min(x.shape[0], s + chunk)
+                if cache is not None:  # single chunk: finish the forward's buffer in place
+                    gz = cache[0].mul_((cache[1] - lse).exp_()[:, None])
+                else:
+                    buf = x.new_empty((min(chunk, x.shape[0]), w.shape[0]), dtype=lse.dtype) if buf is None else buf
+                    gz = _chunk_logits(x[s:e], w, b, buf[: e - s]).sub_(lse[s:e, None]).exp_()
+                gz.sub_(eps / num_classes)  # p - q, below: the (1-eps) * lam / (1-lam) target terms
+                rows = torch.arange(e - s, device=x.device)
+                for ids, hit, wt in ((la, in_a, lam[s:e]), (lb, in_b, 1 - lam[s:e])):
+                    hit = hit[s:e]
+                    gz.index_put_((rows[hit], ids[s:e][hit]), (eps - 1) * wt[hit], accumulate=True)
+                gz = gz.to(w.dtype)
+                if need_w:
+                    gw.addmm_(gz.t(), (x[s:e] * scale).to(w.dtype))
+                if need_x:
+                    gx[s:e] = (gz @ w).mul_(scale)
+                if need_b:
+                    gb += gz.sum(0) * scale
+        return gx, gw, gb, None, None, None, None, None, None, None, None
+
+
+def _chunk_logits(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """Logits [C, n_local] of a row chunk, written into ``out`` (no allocation per chunk)."""
+    if out.dtype != w.dtype:  # low-precision weights: statistics in fp32 need a converted copy
+        return out.copy_(x @ w.t() if b is None else torch.addmm(b, x, w.t()))
+    torch.mm(x, w.t(), out=out)
+    return out if b is None else out.add_(b)
+
+
+def _global_stats(lse_loc: torch.Tensor, tgt_loc: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row log-sum-exp over all N classes and the summed target term [M] (two small
+    all-reduces per call, independent of the chunk count)."""
+    world = _group_rank_size(group)[1]
+    gmax = lse_loc.clone()
+    if world > 1:
+        dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
+    parts = torch.stack([(lse_loc - gmax).exp(), tgt_loc], 1)
+    if world > 1:
+        dist.all_reduce(parts, op=dist.ReduceOp.SUM, group=group)
+    return gmax + parts[:, 0].log(), parts[:, 1]
+
+
+def sharded_soft_cross_entropy(features, weight_shard, shard_start, num_classes, target_a, target_b, lam,
+                               smoothing=0.0, group=None, chunk_size=None, bias_shard=None) -> torch.Tensor:
+    """Mean over the global batch of -sum_j q_j log softmax(x W^T + bias)_j; the same on every rank.
+
+    features [B, D]: this rank's rows (B may differ between ranks: one extra tiny all-gather of
+    the sizes is always done). weight_shard [n_local, D], bias_shard [n_local] or None: classes
+    [shard_start, shard_start + n_local) of ``num_classes`` (N, global). target_a, target_b [B]
+    (long, in [0, N)) and lam [B] (1.0 = no mixing; a == b is allowed) of this rank's rows;
+    ``smoothing`` = eps. ``chunk_size``: logit rows per block (None = the whole global batch).
+    ``group``: process group of the shards (None = default group; without an initialised group
+    this is the exact single-process loss and the shard must be all N classes). Every rank of
+    the group must call it (collectives in forward and backward). Returns a 0-d tensor.
+    """
+    rank, world = _group_rank_size(group)
+    n_local = weight_shard.shape[0]
+    if not 0 <= shard_start <= shard_start + n_local <= num_classes:
+        raise ValueError(f"shard [{shard_start}, {shard_start + n_local}) is not inside [0, {num_classes})")
+    if world == 1 and (shard_start, n_local) != (0, num_classes):
+        raise ValueError(f"world size 1 but the shard holds classes [{shard_start}, {shard_start + n_local}) "
+                         f"of {num_classes}: a single process needs the whole weight")
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+    b_rows = features.shape[0]
+    if not (target_a.shape == target_b.shape == lam.shape == (b_rows,)):
+        raise ValueError(f"target_a/target_b/lam must be [{b_rows}], got {tuple(target_a.shape)}, "
+                         f"{tuple(target_b.shape)}, {tuple(lam.shape)}")
+    x = features.to(weight_shard.dtype)
+    # one [B, 3] float64 gather for the targets (ids < 2**53 are exact in float64)
+    tgt = torch.stack([t.to(x.device, torch.float64) for t in (target_a, target_b, lam)], 1)
+    if world > 1:
+        sizes = _gather_sizes(b_rows, x.device, group, world)
+        x = _GatherRows.apply(x, sizes, rank, group)
+        tgt = _gather_rows(tgt, sizes, group)
+    a, bb = tgt[:, 0].long(), tgt[:, 1].long()
+    chunk = x.shape[0] if chunk_size is None else min(int(chunk_size), max(x.shape[0], 1))
+    with torch.autocast(x.device.type, enabled=False):
+        return _ShardedSoftCE.apply(x, weight_shard, bias_shard, a, bb, tgt[:, 2], int(shard_start),
+                                    int(num_classes), float(smoothing), max(chunk, 1), group)
+
+
+# ----------------------------------------------------------------------------- init + re-sharding
+def init_rows(seed: int, start: int, n: int, dim: int, std: float, dtype=torch.float32) -> torch.Tensor:
+    """Rows [start, start+n) of the full N x D normal(0, std) init of ``seed``, built block by
+    block (generator seeded by (seed, block index)) so the full matrix never exists and any
+    sharding gives the same rows."""
+    out = torch.empty(n, dim, dtype=dtype)
+    gen = torch.Generator()
+    blk0, blk1 = start // INIT_BLOCK_ROWS, (start + n - 1) // INIT_BLOCK_ROWS
+    for blk in range(blk0, blk1 + 1 if n else blk0):
+        gen.manual_seed(_block_seed(seed, blk))
+        rows = torch.randn(INIT_BLOCK_ROWS, dim, generator=gen)
+        lo, hi = max(start, blk * INIT_BLOCK_ROWS), min(start + n, (blk + 1) * INIT_BLOCK_ROWS)
+        out[lo - start : hi - start] = rows[lo - blk * INIT_BLOCK_ROWS : hi - blk * INIT_BLOCK_ROWS] * std
+    return out
+
+
+def _block_seed(seed: int, block: int) -> int:
+    # CPU generators keep only 32 bits of a seed, so (seed << 32 | block) would drop the seed: hash both
+    digest = hashlib.blake2b(f"sharded_fc:{seed}:{block}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+# ----------------------------------------------------------------------------- module
+class ShardedLinear(nn.Module):
+    """This rank's shard of an N-way linear classifier: weight [n_local, D] = rows
+    [shard_start, shard_start + n_local) of W [N, D]; optional bias [n_local] (zeros).
+
+    Keep it out of DDP / FSDP / ZeRO wrapping and gradient sync (its gradient is already the
+    exact gradient of the global loss). ``state_dict()`` carries the class range as extra state
+    and refuses to load a shard of another range; use ``reshard`` when the world size changes.
+    """
+
+    def __init__(self, num_classes: int, dim: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 init_std: float = 0.02, bias: bool = False, group=None):
+        super().__init__()
+        self.num_classes, self.dim, self.rank, self.world_size, self.group = num_classes, dim, rank, world_size, group
+        self.shard_start, self.n_local = shard_range(num_classes, rank, world_size)
+        self.weight = nn.Parameter(init_rows(seed, self.shard_start, self.n_local, dim, init_std))
+        self.bias = nn.Parameter(torch.zeros(self.n_local)) if bias else None
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, dim={self.dim}, classes=[{self.shard_start}, "
+                f"{self.shard_start + self.n_local}), rank={self.rank}/{self.world_size}, bias={self.bias is not None}")
+
+    def _check_group(self) -> None:
+        rank, world = _group_rank_size(self.group)
+        if (rank, world) != (self.rank, self.world_size):
+            raise RuntimeError(f"ShardedLinear built for rank {self.rank}/{self.world_size} but the process group "
+                               f"is rank {rank}/{world}")
+
+    def loss(self, features, target_a, target_b, lam, smoothing=0.0, chunk_size=None) -> torch.Tensor:
+        """``sharded_soft_cross_entropy`` with this shard (features [B, D] of this rank)."""
+        self._check_group()
+        return sharded_soft_cross_entropy(features, self.weight, self.shard_start, self.num_classes, target_a,
+                                          target_b, lam, smoothing=smoothing, group=self.group,
+                                          chunk_size=chunk_size, bias_shard=self.bias)
+
+    @torch.no_grad()
+    def full_weight(self) -> torch.Tensor:
+        """The full W [N, D] on every rank (a collective; N x D memory: tests and small N only)."""
+        self._check_group()
+        if self.world_size == 1:
+            return self.weight.detach()
+        sizes = [shard_range(self.num_classes, r, self.world_size)[1] for r in range(self.world_size)]
+        return _gather_rows(self.weight.detach(), sizes, self.group)
+
+    def sharded_state_dict(self) -> dict:
+        """{"weight": [n_local, D], ("bias": [n_local],) "shard_start", "num_classes", "world_size", "rank"}."""
+        state = {"weight": self.weight.detach(), **self.get_extra_state()}
+        if self.bias is not None:
+            state["bias"] = self.bias.detach()
+        return state
+
+    @torch.no_grad()
+    def load_sharded_state_dict(self, state: dict) -> None:
+        """Load a state of this exact class range (from ``sharded_state_dict`` or ``reshard``)."""
+        self.set_extra_state(state)
+        if (self.bias is None) != ("bias" not in state):
+            raise ValueError(f"bias: module has {'no ' if self.bias is None else ''}bias, state disagrees")
+        self.weight.copy_(state["weight"])
+        if self.bias is not None:
+            self.bias.copy_(state["bias"])
+
+    def get_extra_state(self) -> dict:
+        return {"shard_start": self.shard_start, "num_classes": self.num_classes,
+                "world_size": self.world_size, "rank": self.rank}
+
+    def set_extra_state(self, state: dict) -> None:
+        n = state["weight"].shape[0] if "weight" in state else self.n_local
+        if (state["num_classes"], state["shard_start"], n) != (self.num_classes, self.shard_start, self.n_local):
+            raise ValueError(
+                f"classifier shard mismatch: saved classes [{state['shard_start']}, ...) of {state['num_classes']} "
+                f"(world size {state.get('world_size')}), this rank holds [{self.shard_start}, "
+                f"{self.shard_start + self.n_local}) of {self.num_classes}; re-shard with ShardedLinear.reshard")
+
+    @staticmethod
+    def reshard(states: list[dict], rank: int, world_size: int) -> dict:
+        """From every old rank's ``sharded_state_dict`` (any order, any old world size) to the
+        state of ``rank`` in a layout of ``world_size`` ranks (same keys, new range)."""
+        if not states:
+            raise ValueError("reshard: no states given")
+        start, n = shard_range(int(states[0]["num_classes"]), rank, world_size)
+        return {**reshard_state(states, start, n), "world_size": world_size, "rank": rank}
