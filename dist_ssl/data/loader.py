@@ -256,8 +256,12 @@ class TrainLoader:
                 ctx.set_forkserver_preload(["__main__", __name__])  # no-op once it runs
             kwargs = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False,
                       "multiprocessing_context": ctx}
+        # An own generator: DataLoader.__iter__ otherwise draws a base seed from the GLOBAL
+        # torch RNG, which shifts the model's dropout / drop-path stream on resume (the workers
+        # need no seed from it: every view is seeded per sample).
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                            pin_memory=self.pin_memory, **kwargs)
+                            pin_memory=self.pin_memory, generator=torch.Generator().manual_seed(0),
+                            **kwargs)
         got = 0
         for batch in loader:
             got += 1

@@ -59,7 +59,7 @@ def build_run(cfg) -> RunParts:
     set_seed(cfg.seed)  # identical initial weights on every rank, whatever the world size
     ctx = MethodContext(model=copy.deepcopy(cfg.model), num_samples=manifest.num_samples,
                         num_classes=manifest.num_classes, in_chans=cfg.model.in_chans,
-                        world_size=world, rank=rank, output_dir=cfg.output_dir)
+                        world_size=world, rank=rank, output_dir=cfg.output_dir, seed=cfg.seed)
     method = build_method(cfg.method, ctx)
     loader = build_train_loader(cfg.data.train, method.train_views(), cfg.train.batch_size,
                                 rank=rank, world_size=world, num_workers=cfg.data.num_workers,

@@ -46,6 +46,7 @@ class MethodContext:
     total_steps: int = 1            # optimizer steps of the whole run, for schedules
     steps_per_epoch: int = 1
     output_dir: Optional[str] = None
+    seed: int = 0                   # the run's seed (cfg.seed), for method-side randomness (masks)
 
 
 class Method(nn.Module):

@@ -12,7 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "supervised_fmnist2k.yaml"
 # A tiny, fast configuration of the quickstart recipe (0.46M-parameter ViT).
-FAST = ["model.name=vit_pico_patch4_28", "model.drop_path=0.0", "train.batch_size=32",
+FAST = ["model.name=vit_pico_patch4_28", "model.drop_path=0.1", "train.batch_size=32",
         "data.num_workers=1", "metrics.log_every_steps=1", "optim.warmup_epochs=null",
         "optim.warmup_steps=2",
         "optim.base_lr=2e-3"]

@@ -1,0 +1,1 @@
+"""SLURM submission: batch-script rendering (sbatch.py) and the submit tool (submit.py)."""

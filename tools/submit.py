@@ -1,0 +1,10 @@
+#!/usr/bin/env python
+"""Submit a training run to SLURM: `tools/submit.py RECIPE.yaml [key=value ...] --nodes N
+--procs-per-node G [--partition P] [--time T] [--accelerate-config FILE] [--array KEY=v1,v2 ...]
+[--after JOBID] [--env-file NAME] [--signal-seconds S] [--dry-run]`. Prints the job id."""
+import sys
+
+from dist_ssl.cluster.submit import main
+
+if __name__ == "__main__":
+    sys.exit(main())
