@@ -21,6 +21,8 @@ incomplete directories.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -101,6 +103,41 @@ def _file_problem(path: Path) -> str | None:
     except Exception as exc:  # noqa: BLE001 - every failure here means "unreadable"
         return f"unreadable ({type(exc).__name__}: {_one_line(exc, 160)})"
     return None
+
+
+_DDP = "module."
+
+
+def _strip_ddp(key: str) -> str:
+    return key[len(_DDP):] if key.startswith(_DDP) else key
+
+
+def _ddp_prefix_hook(module, state_dict, prefix, *args, wrapped: bool) -> None:
+    """Root load pre-hook: add or drop DDP's "module." so either kind of checkpoint loads."""
+    if prefix:
+        return
+    for key in list(state_dict):
+        if wrapped and not key.startswith(_DDP):
+            state_dict[_DDP + key] = state_dict.pop(key)
+        elif not wrapped and key.startswith(_DDP):
+            state_dict[key[len(_DDP):]] = state_dict.pop(key)
+
+
+@contextlib.contextmanager
+def _ddp_prefix_adapter(accelerator):
+    """While loading: a checkpoint of a DDP run (keys "module.*") restores into a single-process
+    run and vice versa (resuming with another world size). Sharded formats are left alone."""
+    handles = []
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        for model in accelerator._models:  # no public accessor for the prepared models
+            wrapped = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+            hook = functools.partial(_ddp_prefix_hook, wrapped=wrapped)
+            handles.append(model.register_load_state_dict_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class CheckpointManager:
@@ -250,12 +287,22 @@ class CheckpointManager:
             raise CheckpointError(problems[0])
         record = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
         try:
-            accelerator.load_state(str(path))
+            with _ddp_prefix_adapter(accelerator):
+                accelerator.load_state(str(path))
         except Exception as exc:
             why = f"{type(exc).__name__}: {_one_line(exc)}"
             raise CheckpointError(f"{path}: cannot restore into this run ({why})") from exc
-        rank = accelerator.process_index
+        rank, saved_world = accelerator.process_index, record["meta"]["num_processes"]
         for name, obj in per_rank.items():
+            if saved_world != accelerator.num_processes:  # re-shard from every saved rank's file
+                files = [path / f"rank_local_{name}_{r:05d}.pt" for r in range(saved_world)]
+                try:  # mmap: only the rows this rank takes are read, never every rank's full share
+                    obj.load_all_ranks([torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                                        for f in files])
+                except Exception as exc:
+                    raise CheckpointError(f"{path}: cannot re-shard {name!r} from {saved_world} to "
+                                          f"{accelerator.num_processes} processes ({_one_line(exc)})") from exc
+                continue
             f = path / f"rank_local_{name}_{rank:05d}.pt"
             try:
                 obj.load_state_dict(torch.load(f, map_location="cpu", weights_only=True))
@@ -292,10 +339,15 @@ class CheckpointManager:
                 return f"{f}: {problem}"
         if meta["num_processes"] == world and not (path / f"random_states_{rank}.pkl").is_file():
             return f"{path / f'random_states_{rank}.pkl'}: missing"  # accelerate would skip it silently
-        for name in per_rank:
-            f = path / f"rank_local_{name}_{rank:05d}.pt"
-            if not f.is_file():
-                return f"{f}: missing (checkpoint written by {meta['num_processes']} processes, now {world})"
+        saved_world = meta["num_processes"]
+        for name, obj in per_rank.items():
+            if saved_world != world and not hasattr(obj, "load_all_ranks"):
+                return (f"{path}: {name!r} was saved by {saved_world} processes and cannot be re-sharded "
+                        f"for {world}; resume with {saved_world} processes")
+            for r in (range(saved_world) if saved_world != world else [rank]):
+                f = path / f"rank_local_{name}_{r:05d}.pt"
+                if not f.is_file():
+                    return f"{f}: missing (checkpoint written by {saved_world} processes, now {world})"
         return self._shape_problem(path, accelerator)
 
     @staticmethod
@@ -323,16 +375,18 @@ class CheckpointManager:
             f = path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
             if not f.is_file():
                 continue
-            live = model.state_dict()  # save_state stores the wrapped keys (DDP: "module." prefix)
+            # save_state stores the wrapped keys (DDP: "module." prefix); a DDP checkpoint may be
+            # resumed by a single process and back (_ddp_prefix_adapter), so compare without it
+            live = {_strip_ddp(k): v for k, v in model.state_dict().items()}
             if _file_problem(f):  # another rank reports it (the header checks are spread over ranks)
                 continue
             with safe_open(str(f), "pt") as sf:
-                keys = set(sf.keys())
-                if keys != set(live):
-                    diff = sorted(keys ^ set(live))[:3]
+                names = {_strip_ddp(k): k for k in sf.keys()}
+                if set(names) != set(live):
+                    diff = sorted(set(names) ^ set(live))[:3]
                     return f"{f}: parameter names differ from the model (e.g. {diff})"
-                for k in sorted(keys):
-                    saved = list(sf.get_slice(k).get_shape())
+                for k in sorted(names):
+                    saved = list(sf.get_slice(names[k]).get_shape())
                     if saved != list(live[k].shape):
                         return f"{f}: shape mismatch for {k!r}: checkpoint {saved} vs model {list(live[k].shape)}"
         return None

@@ -34,10 +34,44 @@ RUN_INFO_FILE = "run.json"  # derived values of this launch: backend, world size
 
 
 class _StateAdapter:
-    """Something with state_dict/load_state_dict for accelerate's checkpoint registry."""
+    """Something with state_dict/load_state_dict for accelerate's checkpoint registry.
 
-    def __init__(self, get, put):
+    ``put_all`` (optional) becomes ``load_all_ranks(states)``: CheckpointManager calls it with
+    every saved rank's state when the world size changed since the checkpoint (re-sharding).
+    """
+
+    def __init__(self, get, put, put_all=None):
         self.state_dict, self.load_state_dict = get, put
+        if put_all is not None:
+            self.load_all_ranks = put_all
+
+
+def _per_rank_objects(method, optimizer, scheduler) -> dict:
+    """Rank-local state every rank saves; re-shardable when the method has reshard_local_state."""
+    reshard = getattr(method, "reshard_local_state", None)
+    objs = {"local_modules": (method.local_state_dict, method.load_local_state_dict),
+            "local_optimizer": (optimizer.state_dict, optimizer.load_state_dict),
+            "local_scheduler": (scheduler.state_dict, scheduler.load_state_dict)}
+    out = {}
+    for name, (get, put) in objs.items():
+        put_all = None
+        if reshard is not None:
+            def put_all(states, name=name, put=put):
+                put(reshard(name, states))
+        out[name] = _StateAdapter(get, put, put_all)
+    return out
+
+
+def _backbone_state(state: dict, student, backbone) -> dict:
+    """The backbone's entries of the student's gathered state dict, keys as the backbone names
+    them (the student may wrap it, e.g. a multi-crop wrapper with a projection head)."""
+    from dist_ssl.models.export import strip_wrapper_prefixes, unwrap_model
+
+    prefix = next((n for n, m in unwrap_model(student).named_modules() if m is backbone), "")
+    if not prefix:
+        return state
+    state = strip_wrapper_prefixes(state)
+    return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
 
 
 class Trainer:
@@ -54,10 +88,7 @@ class Trainer:
             acc.register_for_checkpointing(self.parts.ema)
         self.per_rank = {}  # rank-local (model-parallel) state: every rank saves its own share
         if self.parts.local_optimizer is not None:
-            self.per_rank = {"local_modules": _StateAdapter(method.local_state_dict,
-                                                            method.load_local_state_dict),
-                             "local_optimizer": self.parts.local_optimizer,
-                             "local_scheduler": self.parts.local_scheduler}
+            self.per_rank = _per_rank_objects(method, self.parts.local_optimizer, self.parts.local_scheduler)
         self.step = 0
         self.sinks = build_sinks(cfg.metrics, self.out, run=run_name(cfg), rank=acc.process_index,
                                  local_rank=acc.local_process_index, is_main=self.is_main)
@@ -150,8 +181,9 @@ class Trainer:
             loss = out["loss"]
             acc.backward(loss)
             if acc.sync_gradients and self.cfg.optim.clip_grad and not _is_deepspeed(acc):
-                out["logs"]["grad_norm"] = acc.clip_grad_norm_(parts.method.student.parameters(),
-                                                              self.cfg.optim.clip_grad)
+                norm = acc.clip_grad_norm_(parts.method.student.parameters(), self.cfg.optim.clip_grad)
+                # FSDP2 returns a DTensor; the log reduction needs a plain tensor
+                out["logs"]["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
             parts.optimizer.step()
             if parts.local_optimizer is not None and acc.sync_gradients:
                 parts.local_optimizer.step()
@@ -197,7 +229,9 @@ class Trainer:
         # collective for FSDP2 / ZeRO-3 (gathers the shards); rank 0 gets the full state dict
         state = acc.get_state_dict(self.parts.method.student)
         if self.is_main:
-            export_backbone(self.parts.method.backbone(), self.out / BACKBONE_FILE, state_dict=state)
+            backbone = self.parts.method.backbone()
+            export_backbone(backbone, self.out / BACKBONE_FILE,
+                            state_dict=_backbone_state(state, self.parts.method.student, backbone))
         acc.wait_for_everyone()
 
     def _evaluate(self, tag: str) -> Optional[dict]:

@@ -5,6 +5,15 @@ from dist_ssl.methods.registry import build_method, method_names, register_metho
 
 # Importing a method module registers it (and its config variant).
 from dist_ssl.methods import supervised  # noqa: E402,F401
+from dist_ssl.methods import beit  # noqa: E402,F401
+from dist_ssl.methods import splitmask  # noqa: E402,F401
+from dist_ssl.methods import mae  # noqa: E402,F401
+from dist_ssl.methods import simclr  # noqa: E402,F401
+from dist_ssl.methods import supcon  # noqa: E402,F401
+from dist_ssl.methods import moco_v2  # noqa: E402,F401
+from dist_ssl.methods import moco_v3  # noqa: E402,F401
+from dist_ssl.methods import dino  # noqa: E402,F401
+from dist_ssl.methods import idmm  # noqa: E402,F401
 
 register_section("method", MethodConfig)
 

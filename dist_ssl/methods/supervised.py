@@ -7,6 +7,11 @@ Mixup / CutMix / label smoothing use timm's ``Mixup`` + ``SoftTargetCrossEntropy
 RandAugment timm's ``rand_augment_transform`` (a PIL hook of the view spec), random erasing
 timm's ``RandomErasing`` on the normalised batch, drop path the backbone's own.
 
+``drloc=true`` adds the dense relative localization loss of Liu et al., "Efficient Training of
+Visual Transformers with Small Datasets" (NeurIPS 2021): total = CE + drloc_lambda * L_drloc.
+The student then is a ``DRLocStudent`` (backbone + localization MLP, one data-parallel module);
+``backbone()`` still returns the bare timm model. Pairs are drawn from (step, instance ids).
+
 Shapes: x [B, C, H, W]; logits [B, K] (K = semantic classes of the training manifest).
 """
 from __future__ import annotations
@@ -23,7 +28,10 @@ from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
 from dist_ssl.config.schema import doc
+from dist_ssl.data.masking import batch_generator
 from dist_ssl.data.views import CropGroup, ViewSpec
+from dist_ssl.heads.drloc import DRLocStudent
+from dist_ssl.losses.drloc import drloc_loss
 from dist_ssl.methods.base import Method, MethodConfig, MethodContext
 from dist_ssl.methods.registry import register_method
 from dist_ssl.models.export import load_backbone_file
@@ -47,6 +55,10 @@ class SupervisedConfig(MethodConfig):
     mix_switch_prob: float = doc(0.5, "probability of CutMix instead of mixup when both are on")
     label_smoothing: float = doc(0.0, "label smoothing epsilon (DeiT: 0.1)")
     init_from: Optional[str] = doc(None, "backbone.safetensors (or a run dir with one) to fine-tune from")
+    drloc: bool = doc(False, "add the DRLoc auxiliary loss (Liu et al. 2021)")
+    drloc_lambda: float = doc(0.1, "DRLoc loss weight (paper: 0.1 T2T/CvT-like, 0.5 Swin)")
+    drloc_pairs: int = doc(64, "DRLoc position pairs sampled per image")
+    drloc_grid: int = doc(7, "DRLoc: final grids larger than this are average-pooled to it")
 
     def validate(self) -> None:
         for key in ("random_erasing", "mix_prob", "mix_switch_prob"):
@@ -58,6 +70,8 @@ class SupervisedConfig(MethodConfig):
             raise ValueError("mixup: alphas must be >= 0")
         if self.randaugment is not None and not self.randaugment.startswith("rand"):
             raise ValueError(f"randaugment: expected a timm spec like 'rand-m9-mstd0.5', got {self.randaugment!r}")
+        if self.drloc_lambda < 0 or self.drloc_pairs < 1 or self.drloc_grid < 1:
+            raise ValueError("drloc_lambda: need drloc_lambda >= 0, drloc_pairs >= 1, drloc_grid >= 1")
 
 
 def resolve_init_path(init_from: str) -> Path:
@@ -79,10 +93,12 @@ class Supervised(Method):
         super().__init__(cfg, ctx)
         model_cfg = ctx.model
         model_cfg.num_classes = ctx.num_classes
-        self.student = create_backbone(model_cfg)
+        net = create_backbone(model_cfg)
         if cfg.init_from:
             state = load_backbone_file(resolve_init_path(cfg.init_from))
-            self.init_report = load_backbone_state(self.student, state)
+            self.init_report = load_backbone_state(net, state)
+        self.student = DRLocStudent(net, cfg.drloc_grid) if cfg.drloc else net
+        self.seed = int(ctx.seed)
         self.crop_size = cfg.crop_size or model_cfg.img_size or 224
         self.mixup = None
         if cfg.mixup > 0 or cfg.cutmix > 0:
@@ -109,13 +125,26 @@ class Supervised(Method):
             if x.shape[0] % 2:
                 raise ValueError("mixup/CutMix need an even per-process batch size")
             x, soft = self.mixup(x, y)
-            logits = self.student(x)
+            logits, aux = self._forward_student(x, batch, step)
             loss = SoftTargetCrossEntropy()(logits, soft)
         else:
-            logits = self.student(x)
+            logits, aux = self._forward_student(x, batch, step)
             loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
         acc = (logits.detach().argmax(-1) == y).float().mean()
-        return {"loss": loss, "logs": {"ce": loss.detach(), "train_acc": acc}}
+        logs = {"ce": loss.detach(), "train_acc": acc}
+        if aux is not None:
+            logs["drloc"] = aux.detach()
+            loss = loss + self.cfg.drloc_lambda * aux
+        return {"loss": loss, "logs": logs}
+
+    def _forward_student(self, x: torch.Tensor, batch: dict[str, Any], step: int):
+        """(logits [B, K], DRLoc loss or None) from one student call."""
+        if not self.cfg.drloc:
+            return self.student(x), None
+        g = batch_generator(self.seed, step, batch["index"], salt=1)
+        u = torch.rand(x.shape[0], self.cfg.drloc_pairs, 4, generator=g).to(x.device)
+        logits, pred, target = self.student(x, u)
+        return logits, drloc_loss(pred, target)
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [B, K] for evaluation (through the possibly wrapped student)."""
@@ -124,4 +153,5 @@ class Supervised(Method):
     def backbone(self) -> nn.Module:
         from dist_ssl.models.export import unwrap_model
 
-        return unwrap_model(self.student)
+        net = unwrap_model(self.student)
+        return net.backbone if isinstance(net, DRLocStudent) else net

@@ -1,0 +1,174 @@
+"""MoCo v2 (He et al., 2020, "Momentum Contrast for Unsupervised Visual Representation
+Learning"; Chen et al., 2020, "Improved Baselines with Momentum Contrastive Learning").
+
+A query encoder (backbone + 2-layer MLP, the ``student``) is trained with InfoNCE against the
+key of another view from a momentum encoder (the ``teacher``) and a queue of K earlier keys.
+
+Shapes: views 2 x [B, C, H, W]; q, k [B, P] (P = ``proj_dim``); queue [K, P].
+
+Data parallelism:
+- the queue is a buffer that is the SAME on every rank: each step's keys of ALL ranks are
+  gathered (rank order) and enqueued everywhere, so it holds the global batch's keys, as in
+  MoCo's ``concat_all_gather``; it is initialised from the seeded RNG, identical on all ranks;
+- the teacher is a plain submodule, never wrapped or optimized; ``after_step`` updates it from
+  the (possibly DDP / FSDP2 / ZeRO-1/2 wrapped) student, matched by parameter name;
+- queue, queue pointer and teacher are in ``extra_state_dict`` (checkpointed, restored).
+Keys of a step are enqueued in ``after_step``, i.e. after every micro-batch of the step used the
+old queue (MoCo enqueues at the end of each forward; identical without gradient accumulation).
+
+This module also holds the momentum-teacher helpers that MoCo v3 and DINO reuse.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_ssl.config.schema import doc
+from dist_ssl.data.views import CropGroup, ViewSpec
+from dist_ssl.engine.ema import ema_update_
+from dist_ssl.heads.projection import MultiCropWrapper, ProjectionMLP
+from dist_ssl.losses.info_nce import queue_info_nce
+from dist_ssl.methods.base import Method, MethodConfig, MethodContext
+from dist_ssl.methods.registry import register_method
+from dist_ssl.models.export import unwrap_model
+from dist_ssl.models.factory import create_backbone, feature_dim
+from dist_ssl.parallel.collectives import all_gather_cat
+
+__all__ = ["MoCoV2", "MoCoV2Config", "build_ssl_backbone", "momentum_teacher", "momentum_update_",
+           "teacher_forward"]
+
+
+# ----------------------------------------------------------------- momentum-teacher helpers
+def build_ssl_backbone(ctx: MethodContext, dynamic_img_size: bool = False) -> nn.Module:
+    """Headless backbone (pooled [B, D] output) from the run's model config."""
+    model_cfg = copy.deepcopy(ctx.model)
+    model_cfg.num_classes = 0
+    model_cfg.dynamic_img_size = model_cfg.dynamic_img_size or dynamic_img_size
+    return create_backbone(model_cfg)
+
+
+def momentum_teacher(student: MultiCropWrapper) -> MultiCropWrapper:
+    """Frozen copy of the student without its predictor and without stochastic depth.
+
+    Built before the engine wraps / shards the student (FSDP2 modules refuse deepcopy).
+    """
+    teacher = MultiCropWrapper(copy.deepcopy(student.backbone), copy.deepcopy(student.head))
+    for m in teacher.modules():
+        if hasattr(m, "drop_prob"):  # timm DropPath: the teacher sees the whole network
+            m.drop_prob = 0.0
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _full(p: torch.Tensor, name: str) -> torch.Tensor:
+    """The unsharded value of a student parameter (FSDP2 DTensor: a collective)."""
+    if hasattr(p, "ds_id"):
+        raise NotImplementedError(
+            f"momentum teacher: {name} is a DeepSpeed ZeRO-3 partition; the engine must gather "
+            "ZeRO-3 parameters for the teacher update (use DDP, FSDP2 or ZeRO-1/2 meanwhile)")
+    full_tensor = getattr(p, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else p
+
+
+@torch.no_grad()
+def momentum_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """``teacher = m * teacher + (1 - m) * student`` for every teacher parameter, matched by name.
+
+    ``student`` may be wrapped (DDP, DeepSpeed ZeRO-1/2 engine, torch.compile) or sharded in
+    place (FSDP2: each parameter is gathered with ``full_tensor()``, so every rank must call
+    this, in the same order). Buffers (BN statistics) are the teacher's own, as in MoCo.
+    """
+    source = dict(unwrap_model(student).named_parameters())
+    targets, sources = [], []
+    for name, t in teacher.named_parameters():
+        if name not in source:
+            raise KeyError(f"momentum_update_: teacher parameter {name!r} has no student counterpart")
+        targets.append(t)
+        sources.append(_full(source[name], name))
+    ema_update_(targets, sources, momentum)
+
+
+@torch.no_grad()
+def teacher_forward(teacher: nn.Module, views: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Teacher outputs [V*B, P] in float32; inputs are cast to the teacher's dtype (DeepSpeed
+    bf16 runs hand the method bf16 views, the teacher stays fp32)."""
+    dtype = next(teacher.parameters()).dtype
+    return teacher([v.to(dtype) for v in views]).float()
+
+
+# ----------------------------------------------------------------- MoCo v2
+@dataclass
+class MoCoV2Config(MethodConfig):
+    name: str = doc("mocov2", "training method")
+    temperature: float = doc(0.2, "InfoNCE temperature (MoCo v2 / IDMM Table 10: 0.2)")
+    queue_size: int = doc(2048, "K negative keys in the queue (IDMM Table 10: 2048; MoCo v2: 65536)")
+    momentum: float = doc(0.999, "momentum of the key encoder update")
+    proj_hidden_dim: int = doc(2048, "hidden width of the 2-layer MLP head")
+    proj_dim: int = doc(128, "output dimension P of the MLP head")
+    crop_size: Optional[int] = doc(None, "crop size; None = model.img_size")
+    crop_scale: tuple[float, float] = doc((0.2, 1.0), "RandomResizedCrop area range (MoCo v2: 0.2-1)")
+
+    def validate(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
+        if self.queue_size < 1:
+            raise ValueError(f"queue_size: must be >= 1, got {self.queue_size}")
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ValueError(f"momentum: must be in [0, 1], got {self.momentum}")
+
+
+@register_method("mocov2")
+class MoCoV2(Method):
+    config_class = MoCoV2Config
+
+    def __init__(self, cfg: MoCoV2Config, ctx: MethodContext):
+        super().__init__(cfg, ctx)
+        backbone = build_ssl_backbone(ctx)
+        head = ProjectionMLP(feature_dim(backbone), cfg.proj_hidden_dim, cfg.proj_dim, num_layers=2)
+        self.student = MultiCropWrapper(backbone, head)
+        self.teacher = momentum_teacher(self.student)
+        self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, cfg.proj_dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.crop_size = cfg.crop_size or ctx.model.img_size or 224
+        self._pending: list[torch.Tensor] = []  # this step's local keys, enqueued in after_step
+
+    def train_views(self) -> ViewSpec:
+        # MoCo v2's augmentation: jitter (0.4, 0.4, 0.4, 0.1) p=0.8, gray 0.2, blur p=0.5, flip;
+        # the "dino" policy's jitter is (0.4, 0.4, 0.2, 0.1), the closest one we have.
+        return ViewSpec([CropGroup(2, self.crop_size, tuple(self.cfg.crop_scale), blur_p=0.5)],
+                        policy="dino", in_chans=self.ctx.in_chans)
+
+    def forward(self, batch: dict[str, Any], step: int) -> dict[str, Any]:
+        views = batch["views"]
+        q = self.student(views[:1])                         # [B, P] queries of view 0
+        k = teacher_forward(self.teacher, views[1:2])       # [B, P] keys of view 1
+        loss = queue_info_nce(q, k, self.queue, self.cfg.temperature)
+        self._pending.append(F.normalize(k, dim=1))
+        return {"loss": loss, "logs": {"info_nce": loss.detach()}}
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        momentum_update_(self.teacher, self.student, self.cfg.momentum)
+        if self._pending:  # collective: every rank has run the same number of micro-batches
+            keys = all_gather_cat(torch.cat(self._pending))   # [M, P], rank order
+            self._pending.clear()
+            self.enqueue(keys)
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Write [M, P] keys at the pointer, wrapping around (the newest K if M > K)."""
+        k = self.queue.shape[0]
+        keys = keys[-k:].to(self.queue.dtype)
+        ptr = int(self.queue_ptr)
+        idx = (ptr + torch.arange(keys.shape[0], device=self.queue.device)) % k
+        self.queue[idx] = keys
+        self.queue_ptr.fill_((ptr + keys.shape[0]) % k)
+
+    def backbone(self) -> nn.Module:
+        return unwrap_model(self.student).backbone

@@ -1,0 +1,105 @@
+"""MoCo v3 (Chen, Xie & He, 2021, "An Empirical Study of Training Self-Supervised Vision
+Transformers", Alg. 1).
+
+The student is backbone + 3-layer projector + 2-layer predictor; the momentum encoder (the
+``teacher``) is backbone + projector, updated with a momentum that follows a cosine from
+``momentum`` to 1 over the run. The loss is symmetric: ``ctr(q1, k2) + ctr(q2, k1)`` where
+``ctr`` contrasts each query with the keys of the GLOBAL batch (losses/info_nce.py).
+
+Shapes: views 2 x [B, C, H, W]; q, k [2B, P] -> q1, q2, k1, k2 [B, P] (P = ``proj_dim``).
+
+ViT stability trick (their Sec. 4.2): ``freeze_patch_embed`` keeps the randomly initialised
+patch projection fixed (``requires_grad=False``: the optimizer and the gradient sync skip it).
+The BN in the MLP heads is per process (MoCo v3 used SyncBN; ``head_norm: none`` gives a head
+whose data-parallel result equals the single-process one).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+import torch
+from torch import nn
+
+from dist_ssl.config.schema import doc
+from dist_ssl.data.views import CropGroup, ViewSpec
+from dist_ssl.engine.schedules import cosine
+from dist_ssl.heads.projection import MultiCropWrapper, ProjectionMLP
+from dist_ssl.losses.info_nce import global_info_nce
+from dist_ssl.methods.base import Method, MethodConfig, MethodContext
+from dist_ssl.methods.moco_v2 import build_ssl_backbone, momentum_teacher, momentum_update_, teacher_forward
+from dist_ssl.methods.registry import register_method
+from dist_ssl.models.export import unwrap_model
+from dist_ssl.models.factory import feature_dim
+
+__all__ = ["MoCoV3", "MoCoV3Config"]
+
+
+@dataclass
+class MoCoV3Config(MethodConfig):
+    name: str = doc("mocov3", "training method")
+    temperature: float = doc(0.2, "contrastive temperature (MoCo v3 ViT / IDMM Table 10: 0.2)")
+    momentum: float = doc(0.99, "initial momentum; cosine-increased to 1 over the run")
+    proj_hidden_dim: int = doc(4096, "hidden width of projector and predictor")
+    proj_dim: int = doc(256, "output dimension P of projector and predictor")
+    proj_layers: int = doc(3, "projector layers (MoCo v3: 3)")
+    pred_layers: int = doc(2, "predictor layers (MoCo v3: 2)")
+    head_norm: Literal["bn", "none"] = doc("bn", "BatchNorm in projector/predictor (per process) or none")
+    freeze_patch_embed: bool = doc(True, "keep the random patch projection fixed (ViT stability trick)")
+    crop_size: Optional[int] = doc(None, "crop size; None = model.img_size")
+    crop_scale: tuple[float, float] = doc((0.08, 1.0), "RandomResizedCrop area range")
+
+    def validate(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ValueError(f"momentum: must be in [0, 1], got {self.momentum}")
+        if self.proj_layers < 1 or self.pred_layers < 1:
+            raise ValueError("proj_layers: projector and predictor need >= 1 layer each")
+
+
+@register_method("mocov3")
+class MoCoV3(Method):
+    config_class = MoCoV3Config
+
+    def __init__(self, cfg: MoCoV3Config, ctx: MethodContext):
+        super().__init__(cfg, ctx)
+        backbone = build_ssl_backbone(ctx)
+        if cfg.freeze_patch_embed:
+            patch_embed = getattr(backbone, "patch_embed", None)
+            if patch_embed is None:
+                raise ValueError(f"freeze_patch_embed: {type(backbone).__name__} has no patch_embed")
+            patch_embed.requires_grad_(False)
+        projector = ProjectionMLP(feature_dim(backbone), cfg.proj_hidden_dim, cfg.proj_dim,
+                                  num_layers=cfg.proj_layers, norm=cfg.head_norm, last_norm=True)
+        predictor = ProjectionMLP(cfg.proj_dim, cfg.proj_hidden_dim, cfg.proj_dim,
+                                  num_layers=cfg.pred_layers, norm=cfg.head_norm, last_norm=False)
+        self.student = MultiCropWrapper(backbone, projector, predictor)
+        self.teacher = momentum_teacher(self.student)  # backbone + projector, no predictor
+        self.crop_size = cfg.crop_size or ctx.model.img_size or 224
+
+    def train_views(self) -> ViewSpec:
+        # BYOL's asymmetric augmentation, as MoCo v3: blur 1.0 / 0.1, solarize 0 / 0.2.
+        size, scale = self.crop_size, tuple(self.cfg.crop_scale)
+        return ViewSpec([CropGroup(1, size, scale, blur_p=1.0, solarize_p=0.0),
+                         CropGroup(1, size, scale, blur_p=0.1, solarize_p=0.2)],
+                        policy="dino", in_chans=self.ctx.in_chans)
+
+    def momentum_at(self, step: int) -> float:
+        """Momentum of the update after optimizer step ``step`` (1-based): cosine m0 -> 1."""
+        return cosine(step - 1, self.ctx.total_steps, self.cfg.momentum, 1.0)
+
+    def forward(self, batch: dict[str, Any], step: int) -> dict[str, Any]:
+        views = batch["views"][:2]
+        q1, q2 = self.student(views).chunk(2)               # [B, P] each, through the predictor
+        k1, k2 = teacher_forward(self.teacher, views).chunk(2)
+        t = self.cfg.temperature
+        loss = global_info_nce(q1, k2, t) + global_info_nce(q2, k1, t)
+        return {"loss": loss, "logs": {"momentum": torch.tensor(self.momentum_at(step + 1))}}
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        momentum_update_(self.teacher, self.student, self.momentum_at(step))
+
+    def backbone(self) -> nn.Module:
+        return unwrap_model(self.student).backbone

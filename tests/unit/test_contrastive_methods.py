@@ -1,0 +1,169 @@
+"""SimCLR / SupCon / MoCo v2 / MoCo v3 / DINO as methods: one step on a tiny ViT (single process).
+
+Per method: finite loss, every trainable student parameter gets a gradient, the teacher is never
+trained, ``after_step`` updates exactly what it should (teacher momentum, queue, center), the
+method state round-trips through ``extra_state_dict``, configs validate, recipes load.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dist_ssl.config import load_config
+from dist_ssl.config.registry import variants
+from dist_ssl.methods import MethodConfig, MethodContext, build_method, method_names
+from dist_ssl.methods.moco_v2 import teacher_forward
+from dist_ssl.models.factory import ModelConfig
+
+REPO = Path(__file__).resolve().parents[2]
+B = 6
+TINY = {  # small heads: the point is the wiring, not the capacity
+    "simclr": dict(proj_hidden_dim=32, proj_dim=16),
+    "supcon": dict(proj_hidden_dim=32, proj_dim=16),
+    "mocov2": dict(proj_hidden_dim=32, proj_dim=16, queue_size=16),
+    "mocov3": dict(proj_hidden_dim=32, proj_dim=16),
+    "dino": dict(out_dim=32, hidden_dim=32, bottleneck_dim=16, local_crops=2, local_crop_size=12,
+                 warmup_teacher_temp_epochs=2, freeze_last_layer_epochs=0),
+}
+TEACHER = {"simclr": False, "supcon": False, "mocov2": True, "mocov3": True, "dino": True}
+
+
+def make(name: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    cfg = variants(MethodConfig)[name](**{**TINY[name], **overrides})
+    cfg.validate()
+    ctx = MethodContext(model=ModelConfig(name="vit_pico_patch4_28", img_size=28, in_chans=1, drop_path=0.1),
+                        num_samples=100, num_classes=10, in_chans=1, total_steps=10, steps_per_epoch=5)
+    return build_method(cfg, ctx)
+
+
+def make_batch(method, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    views = [torch.randn(B, 1, grp.size, grp.size, generator=g) for grp in method.train_views().view_groups]
+    return {"views": views, "label": torch.tensor([0, 1, 0, 2, 1, 0]), "index": torch.arange(B)}
+
+
+def test_all_five_are_registered():
+    assert {"simclr", "supcon", "mocov2", "mocov3", "dino"} <= set(method_names())
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_one_step_gradients_teacher_and_state(name):
+    method = make(name)
+    batch = make_batch(method)
+    teacher_ids = {id(p) for p in method.teacher.parameters()} if TEACHER[name] else set()
+    assert not teacher_ids & {id(p) for p in method.student.parameters()}  # never inside the student
+    assert all(not p.requires_grad for p in method.teacher.parameters()) if TEACHER[name] else True
+    out = method(batch, step=0)
+    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    assert all(torch.isfinite(torch.as_tensor(v)) for v in out["logs"].values())
+    out["loss"].backward()
+    trainable = [(n, p) for n, p in method.student.named_parameters() if p.requires_grad]
+    missing = [n for n, p in trainable if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, missing
+    assert sum(bool(p.grad.abs().sum() > 0) for _, p in trainable) >= len(trainable) - 2
+    if not TEACHER[name]:
+        assert method.extra_state_dict() == {}
+        return
+    assert all(p.grad is None for p in method.teacher.parameters())
+    keys = F.normalize(teacher_forward(method.teacher, batch["views"][1:2]), dim=1)
+    teacher_before = {n: p.clone() for n, p in method.teacher.named_parameters()}
+    with torch.no_grad():
+        for _, p in trainable:
+            p.sub_(0.5 * p.grad)   # an optimizer step
+    method.after_step(1)
+    m = {"mocov2": 0.999, "mocov3": 0.99, "dino": 0.996}[name]
+    student = dict(method.student.named_parameters())
+    for n, p in method.teacher.named_parameters():
+        torch.testing.assert_close(p, m * teacher_before[n] + (1 - m) * student[n], rtol=1e-5, atol=1e-7)
+    moved = [n for n, p in method.teacher.named_parameters() if not torch.equal(p, teacher_before[n])]
+    assert len(moved) >= len(teacher_before) - 2, "the teacher must change after a step"
+    state = method.extra_state_dict()
+    assert state and not any(k.startswith("student.") for k in state)
+    if name == "mocov2":
+        assert int(method.queue_ptr) == B
+        torch.testing.assert_close(method.queue[:B], keys)
+    if name == "dino":
+        assert "loss.center" in state and state["loss.center"].abs().sum() > 0
+    fresh = make(name, seed=123)
+    assert any(not torch.equal(v, fresh.extra_state_dict()[k]) for k, v in state.items())
+    fresh.load_extra_state_dict(state)
+    for k, v in fresh.extra_state_dict().items():
+        assert torch.equal(v, state[k]), k
+    with pytest.raises(KeyError, match="method state mismatch"):
+        fresh.load_extra_state_dict({k: v for k, v in list(state.items())[1:]})
+
+
+def test_dino_center_is_the_mean_teacher_output():
+    method = make("dino")
+    batch = make_batch(method)
+    method(batch, step=0)
+    expected = 0.1 * teacher_forward(method.teacher, batch["views"][:2]).mean(0, keepdim=True)
+    method.after_step(1)
+    torch.testing.assert_close(method.loss.center, expected)
+
+
+def test_moco_v2_queue_wraps_around_and_keeps_newest():
+    method = make("mocov2")
+    method.queue_ptr.fill_(12)
+    keys = torch.arange(20 * 16, dtype=torch.float32).reshape(20, 16)
+    method.enqueue(keys[:6])           # rows 12..15 then 0..1
+    assert int(method.queue_ptr) == 2 and torch.equal(method.queue[12:], keys[:4])
+    assert torch.equal(method.queue[:2], keys[4:6])
+    method.enqueue(keys)               # more keys than the queue: the newest 16 land
+    assert sorted(method.queue[:, 0].tolist()) == sorted(keys[4:, 0].tolist())
+
+
+def test_schedules_and_mocov3_frozen_patch_embed():
+    dino = make("dino")
+    assert dino.teacher_temp_at(0) == pytest.approx(0.04) and dino.teacher_temp_at(10) == pytest.approx(0.07)
+    assert dino.teacher_temp_at(5) == pytest.approx(0.055)
+    assert dino.momentum_at(1) == pytest.approx(0.996) and 0.9999 < dino.momentum_at(10) < dino.momentum_at(11) == 1.0
+    assert dino.student.backbone.dynamic_img_size  # local crops of 12 px on a 28 px ViT
+    assert all(m.drop_prob == 0 for m in dino.teacher.modules() if hasattr(m, "drop_prob"))
+    v3 = make("mocov3")
+    assert not any(p.requires_grad for p in v3.student.backbone.patch_embed.parameters())
+    assert v3.momentum_at(1) == pytest.approx(0.99) and v3.momentum_at(6) > 0.99
+    assert set(n.split(".")[0] for n, _ in v3.teacher.named_parameters()) == {"backbone", "head"}
+    assert make("mocov3", freeze_patch_embed=False).student.backbone.patch_embed.proj.weight.requires_grad
+    assert [g.count for g in make("mocov2").train_views().groups] == [2]
+
+
+@pytest.mark.parametrize("name, key, value", [
+    ("simclr", "temperature", 0.0), ("supcon", "base_temperature", -1.0), ("mocov2", "queue_size", 0),
+    ("mocov3", "momentum", 1.5), ("dino", "local_crops", -1), ("dino", "teacher_temp", 0.0),
+])
+def test_config_errors_name_the_key(name, key, value):
+    cfg = variants(MethodConfig)[name](**{key: value})
+    with pytest.raises(ValueError, match=f"^{key}: "):
+        cfg.validate()
+
+
+METHODS = ("simclr", "supcon", "mocov2", "mocov3", "dino")
+RECIPES = sorted([REPO / "recipes" / f"{m}_fmnist2k.yaml" for m in METHODS]
+                 + list((REPO / "recipes" / "baselines").glob("*.yaml")))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipes_load_and_validate(recipe):
+    cfg = load_config(recipe)
+    method = recipe.stem.split("_")[0]
+    if "baselines" not in recipe.parts:
+        assert cfg.method.name == method and cfg.model.name == "vit_pico_patch4_28"
+        return
+    assert cfg.model.name == "deit_tiny" and cfg.train.epochs == (200 if method == "finetune" else 800)
+    assert cfg.model.img_size == (224 if method == "finetune" else 112)
+    if method in METHODS:
+        assert cfg.method.name == method
+
+
+def test_every_method_has_paper_recipes():
+    stems = {p.stem for p in RECIPES}
+    assert {f"{m}_deit_tiny_112" for m in METHODS} | {"mocov3_sin10k", "dino_sin10k"} <= stems
+    dino = load_config(REPO / "recipes" / "baselines" / "dino_deit_tiny_112.yaml")
+    assert dino.method.out_dim == 256 and dino.optim.clip_grad == 3.0 and dino.model.drop_path == 0.1
+    v2 = load_config(REPO / "recipes" / "baselines" / "mocov2_deit_tiny_112.yaml")
+    assert v2.method.queue_size == 2048 and v2.method.temperature == 0.2
