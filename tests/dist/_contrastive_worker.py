@@ -4,7 +4,8 @@ For every method it builds the same tiny model as the single-process reference, 
 student in DDP, runs one step on ITS HALF of a fixed global batch (loss, backward, a plain SGD
 step, ``after_step``) and saves what the test compares with the reference on the whole batch:
 the rank's loss, the DDP-averaged gradients, and the method state after the step (teacher,
-MoCo v2 queue, DINO center). DINO runs once more with the student sharded by FSDP2.
+MoCo v2 queue, DINO center). DINO runs once more with the student sharded by FSDP2
+(per-block + root ``fully_shard``), and the contrastive losses run on an uneven 3 + 5 split.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from torch import nn
 
 from dist_ssl.config.registry import variants
 from dist_ssl.methods import MethodConfig, MethodContext, build_method
-from dist_ssl.methods.moco_v2 import momentum_update_
 from dist_ssl.models.factory import ModelConfig
 
 WORLD, GLOBAL_B, LR = 2, 8, 0.5
@@ -134,11 +134,11 @@ def run(rank: int, init_file: str, out_dir: str) -> None:
         params = list(method.student.named_parameters())
         method.student = nn.parallel.DistributedDataParallel(method.student)
         results[name] = one_step(method, batch, params)
-    results["uneven"] = uneven_losses(rank)
-    try:  # recorded, not raised: the other results still reach the test
-        results["dino_fsdp2"] = fsdp2_step(rank)
-    except Exception as exc:  # noqa: BLE001
-        results["dino_fsdp2"] = {"error": f"{type(exc).__name__}: {exc}"}
+    for key, fn in (("uneven", uneven_losses), ("dino_fsdp2", fsdp2_step)):
+        try:  # recorded, not raised: the other results still reach the test
+            results[key] = fn(rank)
+        except Exception as exc:  # noqa: BLE001
+            results[key] = {"error": f"{type(exc).__name__}: {exc}"}
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

@@ -4,8 +4,9 @@ The global batch of 8 images is split 4 + 4 over two DDP ranks (tests/dist/_cont
 the reference runs the same method on all 8 in this process (no process group). Equal results
 mean: negatives / keys gathered across ranks (SimCLR, SupCon, MoCo v3) with gradients flowing
 back to the producing rank, a MoCo v2 queue that receives the keys of BOTH ranks, a DINO center
-averaged over ranks, and teacher updates through the DDP wrapper that leave every rank's state
-identical. Processes are spawned once for the whole file.
+averaged over ranks, and teacher updates through the DDP wrapper (and FSDP2's DTensor shards,
+for DINO) that leave every rank's state identical. The losses alone are also checked on an
+uneven 3 + 5 split. Processes are spawned once for the whole file.
 """
 from __future__ import annotations
 
@@ -93,6 +94,7 @@ def test_losses_with_uneven_shards_equal_single_process(ranks, name):
     y.requires_grad_(True)
     total = W.loss_sums()[name](x, y, slice(None))
     total.backward()
+    assert all("error" not in ranks[r]["uneven"] for r in range(W.WORLD)), ranks[0]["uneven"]
     got = [ranks[r]["uneven"][name] for r in range(W.WORLD)]
     assert sum(g["sum"] for g in got) == pytest.approx(total.item(), rel=1e-5)
     for key, ref in (("grad_x", x.grad), ("grad_y", y.grad)):

@@ -63,7 +63,8 @@ def ref_dino(student, teacher, center, ts, tt):
         p = torch.softmax((t.detach() - center) / tt, dim=-1)
         for v, s in enumerate(student):
             if v != i:
-                total = total + sum(-(p[b] * torch.log_softmax(s[b] / ts, dim=-1)).sum() for b in range(len(s))) / len(s)
+                per_image = [-(p[b] * torch.log_softmax(s[b] / ts, dim=-1)).sum() for b in range(len(s))]
+                total = total + sum(per_image) / len(s)
                 pairs += 1
     return total / pairs
 
@@ -155,7 +156,8 @@ def test_gradients_match_autograd_through_the_reference(which):
     pairs = {
         "nt_xent": (lambda x, y: nt_xent(x, y, t), lambda x, y: ref_nt_xent(x, y, t)),
         "supcon": (lambda x, y: supcon_loss([x, y], labels, t, 0.1), lambda x, y: ref_supcon([x, y], labels, t, 0.1)),
-        "queue_info_nce": (lambda x, y: queue_info_nce(x, y, queue, t), lambda x, y: ref_queue_info_nce(x, y, queue, t)),
+        "queue_info_nce": (lambda x, y: queue_info_nce(x, y, queue, t),
+                           lambda x, y: ref_queue_info_nce(x, y, queue, t)),
         "global_info_nce": (lambda x, y: global_info_nce(x, y, t),
                             lambda x, y: 2 * t * F.cross_entropy(_unit(x) @ _unit(y.detach()).T / t, torch.arange(5))),
         "dino": (lambda x, y: dino_loss([x, y, x * y], [y], x[:1].detach() * 0.3, 0.1, 0.05),
@@ -178,7 +180,8 @@ def test_dino_center_update_is_ema_of_teacher_mean():
     crit.update_center(teacher.sum(0), teacher.shape[0])
     torch.testing.assert_close(crit.center, 0.1 * teacher.mean(0, keepdim=True))
     crit.update_center(2 * teacher.sum(0), teacher.shape[0])
-    torch.testing.assert_close(crit.center, 0.9 * 0.1 * teacher.mean(0, keepdim=True) + 0.2 * teacher.mean(0, keepdim=True))
+    mean = teacher.mean(0, keepdim=True)
+    torch.testing.assert_close(crit.center, 0.9 * 0.1 * mean + 0.1 * 2 * mean)
     assert "center" in crit.state_dict()
 
 
@@ -189,7 +192,8 @@ def test_dino_head_weight_norm_and_last_layer_freeze():
     assert head(x).shape == (3, 5)
     w = head.last_layer_weight()
     torch.testing.assert_close(w.norm(dim=1), torch.ones(5))
-    assert head.last_g is None and sum(p.numel() for p in head.parameters()) == 8 * 16 + 16 + 16 * 16 + 16 + 16 * 4 + 4 + 5 * 4
+    assert head.last_g is None  # g fixed to 1: no parameter
+    assert sum(p.numel() for p in head.parameters()) == (8 * 16 + 16) + (16 * 16 + 16) + (16 * 4 + 4) + 5 * 4
     head.freeze_last_layer = True
     frozen = head(x)
     frozen.square().sum().backward()
