@@ -21,8 +21,6 @@ incomplete directories.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import logging
 import os
@@ -103,41 +101,6 @@ def _file_problem(path: Path) -> str | None:
     except Exception as exc:  # noqa: BLE001 - every failure here means "unreadable"
         return f"unreadable ({type(exc).__name__}: {_one_line(exc, 160)})"
     return None
-
-
-_DDP = "module."
-
-
-def _strip_ddp(key: str) -> str:
-    return key[len(_DDP):] if key.startswith(_DDP) else key
-
-
-def _ddp_prefix_hook(module, state_dict, prefix, *args, wrapped: bool) -> None:
-    """Root load pre-hook: add or drop DDP's "module." so either kind of checkpoint loads."""
-    if prefix:
-        return
-    for key in list(state_dict):
-        if wrapped and not key.startswith(_DDP):
-            state_dict[_DDP + key] = state_dict.pop(key)
-        elif not wrapped and key.startswith(_DDP):
-            state_dict[key[len(_DDP):]] = state_dict.pop(key)
-
-
-@contextlib.contextmanager
-def _ddp_prefix_adapter(accelerator):
-    """While loading: a checkpoint of a DDP run (keys "module.*") restores into a single-process
-    run and vice versa (resuming with another world size). Sharded formats are left alone."""
-    handles = []
-    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        for model in accelerator._models:  # no public accessor for the prepared models
-            wrapped = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-            hook = functools.partial(_ddp_prefix_hook, wrapped=wrapped)
-            handles.append(model.register_load_state_dict_pre_hook(hook))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 class CheckpointManager:
@@ -287,8 +250,7 @@ class CheckpointManager:
             raise CheckpointError(problems[0])
         record = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
         try:
-            with _ddp_prefix_adapter(accelerator):
-                accelerator.load_state(str(path))
+            accelerator.load_state(str(path))
         except Exception as exc:
             why = f"{type(exc).__name__}: {_one_line(exc)}"
             raise CheckpointError(f"{path}: cannot restore into this run ({why})") from exc
@@ -375,18 +337,16 @@ class CheckpointManager:
             f = path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
             if not f.is_file():
                 continue
-            # save_state stores the wrapped keys (DDP: "module." prefix); a DDP checkpoint may be
-            # resumed by a single process and back (_ddp_prefix_adapter), so compare without it
-            live = {_strip_ddp(k): v for k, v in model.state_dict().items()}
+            live = model.state_dict()  # save_state stores the wrapped keys (DDP: "module." prefix)
             if _file_problem(f):  # another rank reports it (the header checks are spread over ranks)
                 continue
             with safe_open(str(f), "pt") as sf:
-                names = {_strip_ddp(k): k for k in sf.keys()}
-                if set(names) != set(live):
-                    diff = sorted(set(names) ^ set(live))[:3]
+                keys = set(sf.keys())
+                if keys != set(live):
+                    diff = sorted(keys ^ set(live))[:3]
                     return f"{f}: parameter names differ from the model (e.g. {diff})"
-                for k in sorted(names):
-                    saved = list(sf.get_slice(names[k]).get_shape())
+                for k in sorted(keys):
+                    saved = list(sf.get_slice(k).get_shape())
                     if saved != list(live[k].shape):
                         return f"{f}: shape mismatch for {k!r}: checkpoint {saved} vs model {list(live[k].shape)}"
         return None

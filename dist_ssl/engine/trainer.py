@@ -120,6 +120,7 @@ class Trainer:
             flag.close()
             self.sinks.close()
             acc.wait_for_everyone()
+            acc.end_training()  # destroys the process group: without it ranks can abort at exit
 
     def run_info(self) -> dict:
         parts = self.parts
