@@ -1,5 +1,6 @@
 """Shared pytest fixtures. Data fixtures: real Fashion-MNIST (never skipped) and its shards."""
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,24 @@ def fmnist_test_shards_small(fmnist_dir, tmp_path_factory) -> Path:
     write_dataset(f"idx:{fmnist_dir}", out, split="test", subset="random:500",
                   samples_per_shard=128, seed=0)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: on a shared 2-core box extra intra-op threads only spin (~10x the CPU)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any socket connect fails the test (nothing may download weights or data)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)

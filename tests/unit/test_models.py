@@ -6,7 +6,6 @@ Every test runs with sockets disabled, so any weight download attempt fails loud
 from __future__ import annotations
 
 import dataclasses
-import socket
 
 import pytest
 import torch
@@ -41,22 +40,8 @@ BACKBONES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: on a shared 2-core box extra intra-op threads only spin (about 10x the CPU).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+# one torch thread and no network for every test here (fixtures in tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread", "no_network")
 
 
 def pico(**overrides) -> nn.Module:

@@ -5,7 +5,6 @@ disabled for every test so a download attempt would fail.
 """
 from __future__ import annotations
 
-import socket
 
 import pytest
 import timm
@@ -25,22 +24,8 @@ from dist_ssl.models import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: on a shared 2-core box extra intra-op threads only spin (about 10x the CPU).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+# one torch thread and no network for every test here (fixtures in tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread", "no_network")
 
 
 @pytest.fixture(scope="module")
