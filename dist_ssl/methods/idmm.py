@@ -136,10 +136,7 @@ class IDMM(Method):
             head, dim = ProjectionMLP(dim, cfg.proj_hidden_dim, cfg.proj_dim, num_layers=2), cfg.proj_dim
         # one data-parallel call per step on all crop groups; equal sizes share a backbone call
         self.student = MultiCropWrapper(backbone, head)
-        # the run seed: engine.setup seeds torch with it right before building the method
-        run_seed = getattr(ctx, "seed", None)
-        self.seed = int(cfg.seed if cfg.seed is not None else
-                        run_seed if run_seed is not None else torch.initial_seed())
+        self.seed = int(cfg.seed if cfg.seed is not None else ctx.seed)  # W's init + CutMix draws
         self.classifier = ShardedLinear(ctx.num_samples, dim, rank=ctx.rank, world_size=ctx.world_size,
                                         seed=self.seed, init_std=cfg.classifier_init_std,
                                         bias=cfg.classifier_bias)
