@@ -24,9 +24,10 @@ ranks are summed back to the producing rank by a reduce-scatter). A data-paralle
 *averages* backbone gradients over P ranks then yields dL/dtheta / P for the backbone; use
 ``grad_scale(features, P)`` before the loss to undo that without touching the shard's gradient.
 
-Memory: the global-batch logits are processed in chunks of C rows into one reused C x n_local
-buffer; forward keeps only per-row statistics (O(M)) and backward recomputes each chunk's logits
-(one extra matmul: ~4/3 of a dense layer's FLOPs). With chunk_size=None (one chunk) the buffer
+Memory: the global-batch logits [M, n_local] are processed in class blocks of at most C x n_local
+elements (the memory of C logit rows) in one reused buffer; forward keeps only per-row statistics
+(O(M), an online log-sum-exp over the blocks) and backward recomputes each block's logits (one
+extra matmul: ~4/3 of a dense layer's FLOPs). With chunk_size=None or >= M (one block) the buffer
 [M, n_local] is kept from forward to backward instead and nothing is recomputed.
 Besides it: the gathered features and their gradient (M x D) and the weight gradient.
 Precision: computed in the weight's dtype with autocast disabled (features are cast to it);
@@ -130,9 +131,14 @@ def grad_scale(t: torch.Tensor, factor: float) -> torch.Tensor:
 class _ShardedSoftCE(torch.autograd.Function):
     """Loss of the gathered rows x [M, D] against this rank's classes; see the module doc.
 
-    With one chunk (chunk >= M) the forward's exp(z - rowmax) buffer [M, n_local] is kept for
-    backward (no recompute: 3 matmuls per step, like a dense layer); with several chunks only
-    O(M) statistics are kept and backward recomputes each chunk's logits (4 matmuls).
+    The logits [M, n_local] are computed in class blocks of all M rows, each at most ``chunk`` x
+    n_local elements (the memory of ``chunk`` full rows). With one block (chunk >= M) the
+    forward's exp(z - rowmax) buffer is kept for backward (3 matmuls per step, like a dense
+    layer). With several blocks forward keeps only O(M) statistics (an online log-sum-exp over
+    the blocks) and backward recomputes each block's logits (4 matmuls). Blocking over classes,
+    not rows, writes each block's weight gradient once instead of accumulating the whole
+    [n_local, D] gradient once per row chunk (memory traffic that made row chunks ~1.8x slower
+    than one chunk at D = 768; benchmarks/sharded_fc.py).
     """
 
     @staticmethod
@@ -141,63 +147,84 @@ class _ShardedSoftCE(torch.autograd.Function):
         m_rows, n_local = x.shape[0], w.shape[0]
         la, lb = a - start, bb - start
         in_a, in_b = (la >= 0) & (la < n_local), (lb >= 0) & (lb < n_local)
-        la, lb = la.clamp(0, max(n_local - 1, 0)), lb.clamp(0, max(n_local - 1, 0))
         lam = lam.to(stat)
-        lse_loc = torch.full((m_rows,), -math.inf, dtype=stat, device=x.device)
-        tgt_loc = torch.zeros(m_rows, dtype=stat, device=x.device)
-        buf = x.new_empty((min(chunk, m_rows), n_local), dtype=stat)  # the one chunk-sized buffer
+        rmax = torch.full((m_rows,), -math.inf, dtype=stat, device=x.device)  # running row max
+        rsum = torch.zeros(m_rows, dtype=stat, device=x.device)  # running sum of exp(z - rmax)
+        za, zb, zsum = (torch.zeros(m_rows, dtype=stat, device=x.device) for _ in range(3))
+        width = _block_width(chunk, m_rows, n_local)
+        flat = x.new_empty(m_rows * width, dtype=stat)  # the one block-sized buffer
         ctx.cache = None
-        for s in range(0, m_rows if n_local else 0, chunk):
-            e = min(m_rows, s + chunk)
-            z = _chunk_logits(x[s:e], w, b, buf[: e - s])
-            za = torch.where(in_a[s:e], z.gather(1, la[s:e, None]).squeeze(1), 0.0)
-            zb = torch.where(in_b[s:e], z.gather(1, lb[s:e, None]).squeeze(1), 0.0)
-            tgt_loc[s:e] = (1 - eps) * (lam[s:e] * za + (1 - lam[s:e]) * zb) + (eps / num_classes) * z.sum(1)
-            zmax = z.amax(1)
-            lse_loc[s:e] = zmax + z.sub_(zmax[:, None]).exp_().sum(1).log_()
-            if e - s == m_rows:
-                ctx.cache = (z, zmax)  # exp(z - zmax): p = this * exp(zmax - lse) in backward
+        for c0 in range(0, n_local, width):
+            c1 = min(n_local, c0 + width)
+            z = _block_logits(x, w[c0:c1], None if b is None else b[c0:c1], flat[: m_rows * (c1 - c0)])
+            for ids, hit, out in ((la, in_a, za), (lb, in_b, zb)):
+                hit = hit & (ids >= c0) & (ids < c1)
+                rows = hit.nonzero().squeeze(1)
+                out[rows] = z[rows, ids[rows] - c0]
+            zsum += z.sum(1)
+            new_max = torch.maximum(rmax, z.amax(1))
+            rsum.mul_((rmax - new_max).exp_()).add_(z.sub_(new_max[:, None]).exp_().sum(1))
+            rmax = new_max
+            if c1 - c0 == n_local:
+                ctx.cache = (z, rmax)  # exp(z - rmax): p = this * exp(rmax - lse) in backward
+        lse_loc = rmax + rsum.log()  # -inf on a rank without classes
+        tgt_loc = (1 - eps) * (lam * za + (1 - lam) * zb) + (eps / num_classes) * zsum
         lse, tgt = _global_stats(lse_loc, tgt_loc, group)
         ctx.save_for_backward(x, w, b, lse, la, lb, in_a, in_b, lam)
-        ctx.cfg = (num_classes, eps, chunk)
+        ctx.cfg = (num_classes, eps, width)
         return (lse - tgt).mean()
 
     @staticmethod
     def backward(ctx, g):
         x, w, b, lse, la, lb, in_a, in_b, lam = ctx.saved_tensors
-        num_classes, eps, chunk = ctx.cfg
+        num_classes, eps, width = ctx.cfg
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gx = torch.zeros_like(x) if need_x else None
-        gw = torch.zeros_like(w) if need_w else None
-        gb = torch.zeros_like(b) if need_b else None
-        scale = g.to(lse.dtype) / x.shape[0]  # dL/dz = scale * (p - q); applied to the small factors
+        m_rows, n_local = x.shape[0], w.shape[0]
+        gx = torch.zeros_like(x, dtype=lse.dtype) if need_x else None  # summed over blocks: >= fp32
+        gw = torch.empty_like(w) if need_w else None  # every block writes its rows once
+        gb = torch.empty_like(b) if need_b else None
+        scale = g.to(lse.dtype) / m_rows  # dL/dz = scale * (p - q); applied to the small factors
+        xs = (x * scale).to(w.dtype) if need_w else None
         cache, ctx.cache = ctx.cache, None  # a second backward (retain_graph) recomputes
-        buf = None
+        flat = None
         with torch.autocast(x.device.type, enabled=False):
-            for s in range(0, x.shape[0] if w.shape[0] else 0, chunk):
-                e = min(x.shape[0], s + chunk)
-                if cache is not None:  # single chunk: finish the forward's buffer in place
+            for c0 in range(0, n_local, width):
+                c1 = min(n_local, c0 + width)
+                if cache is not None:  # one block: finish the forward's buffer in place
                     gz = cache[0].mul_((cache[1] - lse).exp_()[:, None])
                 else:
-                    buf = x.new_empty((min(chunk, x.shape[0]), w.shape[0]), dtype=lse.dtype) if buf is None else buf
-                    gz = _chunk_logits(x[s:e], w, b, buf[: e - s]).sub_(lse[s:e, None]).exp_()
+                    flat = x.new_empty(m_rows * width, dtype=lse.dtype) if flat is None else flat
+                    gz = _block_logits(x, w[c0:c1], None if b is None else b[c0:c1], flat[: m_rows * (c1 - c0)])
+                    gz.sub_(lse[:, None]).exp_()
                 gz.sub_(eps / num_classes)  # p - q, below: the (1-eps) * lam / (1-lam) target terms
-                rows = torch.arange(e - s, device=x.device)
-                for ids, hit, wt in ((la, in_a, lam[s:e]), (lb, in_b, 1 - lam[s:e])):
-                    hit = hit[s:e]
-                    gz.index_put_((rows[hit], ids[s:e][hit]), (eps - 1) * wt[hit], accumulate=True)
+                for ids, hit, wt in ((la, in_a, lam), (lb, in_b, 1 - lam)):
+                    rows = (hit & (ids >= c0) & (ids < c1)).nonzero().squeeze(1)
+                    gz.index_put_((rows, ids[rows] - c0), (eps - 1) * wt[rows], accumulate=True)
                 gz = gz.to(w.dtype)
                 if need_w:
-                    gw.addmm_(gz.t(), (x[s:e] * scale).to(w.dtype))
-                if need_x:
-                    gx[s:e] = (gz @ w).mul_(scale)
+                    torch.mm(gz.t(), xs, out=gw[c0:c1])
+                if need_x and gx.dtype == w.dtype:
+                    gx.addmm_(gz, w[c0:c1])
+                elif need_x:
+                    gx += gz @ w[c0:c1]
                 if need_b:
-                    gb += gz.sum(0) * scale
+                    gb[c0:c1] = gz.sum(0) * scale
+        if need_x:
+            gx = gx.mul_(scale).to(x.dtype)
         return gx, gw, gb, None, None, None, None, None, None, None, None
 
 
-def _chunk_logits(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-    """Logits [C, n_local] of a row chunk, written into ``out`` (no allocation per chunk)."""
+def _block_width(chunk: int, m_rows: int, n_local: int) -> int:
+    """Classes per block so that a block [M, width] holds at most ``chunk`` x n_local elements."""
+    if chunk >= m_rows or n_local == 0:
+        return max(n_local, 1)
+    return max(1, chunk * n_local // m_rows)
+
+
+def _block_logits(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], flat: torch.Tensor) -> torch.Tensor:
+    """Logits [M, width] of a class block, written into the contiguous buffer ``flat`` (no
+    allocation per block)."""
+    out = flat.view(x.shape[0], w.shape[0])
     if out.dtype != w.dtype:  # low-precision weights: statistics in fp32 need a converted copy
         return out.copy_(x @ w.t() if b is None else torch.addmm(b, x, w.t()))
     torch.mm(x, w.t(), out=out)
@@ -225,7 +252,7 @@ def sharded_soft_cross_entropy(features, weight_shard, shard_start, num_classes,
     the sizes is always done). weight_shard [n_local, D], bias_shard [n_local] or None: classes
     [shard_start, shard_start + n_local) of ``num_classes`` (N, global). target_a, target_b [B]
     (long, in [0, N)) and lam [B] (1.0 = no mixing; a == b is allowed) of this rank's rows;
-    ``smoothing`` = eps. ``chunk_size``: logit rows per block (None = the whole global batch).
+    ``smoothing`` = eps. ``chunk_size``: logit memory in rows, C x n_local elements per block (None = the whole global batch).
     ``group``: process group of the shards (None = default group; without an initialised group
     this is the exact single-process loss and the shard must be all N classes). Every rank of
     the group must call it (collectives in forward and backward). Returns a 0-d tensor.
