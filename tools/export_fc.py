@@ -13,14 +13,12 @@ fsync + rename). Memory: one full copy of W (ImageNet, D=192: ~1 GB fp32).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from dist_ssl.atomic import atomic_save_safetensors
 from dist_ssl.parallel.sharded_fc import reshard_rows
 
 FILE_GLOB = "rank_local_local_modules_*.pt"
@@ -67,25 +65,6 @@ def assemble(shards: list[dict]) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def write_atomic(tensors: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", type=Path, help="a step_XXXXXXXX checkpoint directory")
@@ -96,9 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     shards = load_shards(args.checkpoint, args.key)
     tensors = assemble(shards)
-    write_atomic(tensors, args.out, {"num_classes": str(shards[0]["num_classes"]),
-                                     "saved_world_size": str(len(shards)),
-                                     "checkpoint": str(args.checkpoint.resolve())})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(args.out, tensors, {"num_classes": str(shards[0]["num_classes"]),
+                                                "saved_world_size": str(len(shards)),
+                                                "checkpoint": str(args.checkpoint.resolve())})
     w = tensors["weight"]
     print(f"wrote {args.out}: weight {tuple(w.shape)} {w.dtype}" + (" + bias" if "bias" in tensors else "")
           + f" from {len(shards)} shards")

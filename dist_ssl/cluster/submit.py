@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from dist_ssl.cluster.sbatch import Element, JobSpec, log_dir, render
-from dist_ssl.data.atomic import atomic_write_bytes, atomic_write_json
+from dist_ssl.atomic import atomic_write_bytes, atomic_write_json
 
 REPO = Path(__file__).resolve().parents[2]
 _JOB_ID = re.compile(r"^\d+(_\d+)?$")

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import yaml
 
+from dist_ssl.atomic import atomic_write_text
 from dist_ssl.config.errors import ConfigError
 from dist_ssl.config.overrides import apply_overrides, load_yaml
 from dist_ssl.config.registry import sections
@@ -51,14 +50,7 @@ def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(config_to_yaml(cfg))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, config_to_yaml(cfg))
 
 
 def reload_saved_config(path: str | Path) -> Any:

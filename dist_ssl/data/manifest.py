@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dist_ssl.data.atomic import atomic_write_json
+from dist_ssl.atomic import atomic_write_json
 from dist_ssl.data.errors import ManifestError
 
 FORMAT_VERSION = 1

@@ -20,7 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
-from dist_ssl.data.atomic import TMP_SUFFIX, atomic_write_json
+from dist_ssl.atomic import TMP_SUFFIX, atomic_write_json
 from dist_ssl.data.errors import ManifestError, OutDirError
 from dist_ssl.data.images import Probe
 from dist_ssl.data.manifest import FINGERPRINT_FIELDS, MANIFEST_NAME, Manifest, load_manifest

@@ -19,7 +19,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from dist_ssl.data.atomic import atomic_write_json, tmp_path
+from dist_ssl.atomic import atomic_write_json, tmp_path
 from dist_ssl.data.errors import DataError
 from dist_ssl.data.images import encode_png_gray
 

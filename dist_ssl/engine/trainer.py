@@ -24,7 +24,7 @@ from dist_ssl.engine.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
 from dist_ssl.engine.progress import Progress
 from dist_ssl.engine.setup import RunParts, build_run, run_name
 from dist_ssl.parallel.accelerator import describe
-from dist_ssl.data.atomic import atomic_write_json
+from dist_ssl.atomic import atomic_write_json
 from dist_ssl.models.export import export_backbone
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dist_ssl.data.atomic import atomic_write_json
+from dist_ssl.atomic import atomic_write_json
 from dist_ssl.data.errors import DataError
 from dist_ssl.data.loader import build_eval_loader
 from dist_ssl.data.manifest import load_manifest

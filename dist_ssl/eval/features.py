@@ -16,9 +16,9 @@ from typing import Any, Iterable
 import timm
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 from torch import nn
 
+from dist_ssl.atomic import atomic_save_safetensors
 from dist_ssl.models import (ModelConfig, create_backbone, load_backbone_file,  # registers
                              load_backbone_state, read_export_metadata,  # the small ViTs
                              timm_pretrained_kwargs)
@@ -138,11 +138,4 @@ def extract_features(backbone: nn.Module, loader: Iterable[dict],
 def save_features(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
                   metadata: dict[str, str] | None = None) -> Path:
     """Write named tensors (e.g. train_feats [N, D], train_labels [N]) atomically as safetensors."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_save_safetensors(path, tensors, metadata)

@@ -21,8 +21,10 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
+
+from dist_ssl.atomic import atomic_save_safetensors
 
 from .factory import classifier_names
 
@@ -102,15 +104,7 @@ def export_state_dict(
     tensors = _to_plain_cpu(kept)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory so os.replace is an atomic rename: readers never see a partial file.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_save_safetensors(path, tensors, {"format": "pt", **(metadata or {})})
 
 
 def backbone_metadata(model: nn.Module, *, keep_head: bool = False) -> dict[str, str]:

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save
 from safetensors import safe_open
 from torch import nn
 
-from dist_ssl.data.atomic import atomic_write_bytes
+from dist_ssl.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 KINDS = ("random_projection", "random_patches", "kmeans")
