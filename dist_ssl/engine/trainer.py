@@ -47,8 +47,8 @@ class _StateAdapter:
 
 
 def _per_rank_objects(method, optimizer, scheduler) -> dict:
-    """Rank-local state every rank saves; re-shardable when the method has reshard_local_state."""
-    reshard = getattr(method, "reshard_local_state", None)
+    """Rank-local state every rank saves; re-shardable when the method says so."""
+    reshard = method.reshard_local_state if method.reshardable_local_state else None
     objs = {"local_modules": (method.local_state_dict, method.load_local_state_dict),
             "local_optimizer": (optimizer.state_dict, optimizer.load_state_dict),
             "local_scheduler": (scheduler.state_dict, scheduler.load_state_dict)}

@@ -103,6 +103,16 @@ class Method(nn.Module):
         for prefix, sub in state.items():
             self.get_submodule(prefix).load_state_dict(sub)
 
+    # True when reshard_local_state is implemented: a checkpoint's rank-local state can then be
+    # resumed on another world size (e.g. IDMM's classifier shards saved by 3 ranks, resumed by 2).
+    reshardable_local_state: bool = False
+
+    def reshard_local_state(self, name: str, states: list[dict]) -> dict:
+        """This rank's state of the per-rank object ``name`` ("local_modules", "local_optimizer",
+        "local_scheduler") rebuilt from every saved rank's state (old-rank order), when the world
+        size changed since the checkpoint. Only called when ``reshardable_local_state``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot re-shard its rank-local state")
+
     def _local_prefixes(self) -> list[str]:
         ids = {id(m) for m in self.local_modules()}
         return [name for name, m in self.named_modules() if id(m) in ids and name]

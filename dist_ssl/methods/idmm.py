@@ -209,9 +209,11 @@ class IDMM(Method):
         self._check_num_instances(state["classifier"]["num_classes"])
         self.classifier.load_sharded_state_dict(state["classifier"])
 
+    reshardable_local_state = True
+
     def reshard_local_state(self, name: str, states: list[dict]) -> dict:
-        """This rank's state of the per-rank object ``name`` from every saved rank's state (in
-        old-rank order), when the world size changed since the checkpoint."""
+        """See Method.reshard_local_state: the classifier rows and their AdamW moments move to
+        the new class ranges; the scheduler is the same on every rank."""
         if name == "local_modules":
             old = [s["classifier"] for s in states]
             self._check_num_instances(old[0]["num_classes"])
