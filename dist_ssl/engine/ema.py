@@ -9,11 +9,10 @@ Sharded training: ``ModelEMA.update`` reads the *unwrapped* module (DDP / DataPa
 the model *before* ``fully_shard`` / ``accelerator.prepare`` (FSDP2 modules refuse deepcopy);
 afterwards DTensor parameters are gathered one at a time with ``full_tensor()`` — a
 collective, so every rank must call ``update`` — and the EMA holds full, unsharded weights on
-every rank (memory: one extra full model per rank, optionally on CPU via ``device``). Only
-checked with a 1-process gloo mesh so far. DeepSpeed ZeRO-3 parameters are
-partitioned in place (``ds_id`` attribute) and are NOT supported: ``update`` raises instead of
-silently averaging empty partitions; gather them with ``deepspeed.zero.GatheredParameters``
-or keep the EMA inside the method as teacher params that ZeRO shards alongside the student.
+every rank (memory: one extra full model per rank, optionally on CPU via ``device``).
+DeepSpeed ZeRO-3 parameters (partitioned in place) are gathered for the update with
+``deepspeed.zero.GatheredParameters`` (``dist_ssl.parallel.full_params``; also a collective).
+Checked in 2-process runs of every backend (tests/dist/test_backends.py).
 """
 from __future__ import annotations
 
@@ -22,6 +21,8 @@ from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
+
+from dist_ssl.parallel.full_params import full_parameters
 
 __all__ = ["ModelEMA", "ema_update_", "unwrap_model"]
 
@@ -57,15 +58,6 @@ def ema_update_(
     sources = [s.detach().to(device=t.device, dtype=t.dtype) for t, s in zip(targets, sources)]
     # lerp_(s, w) computes t + w * (s - t) == (1 - w) * t + w * s.
     torch._foreach_lerp_(targets, sources, 1.0 - momentum)
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """Unsharded value of a (possibly DTensor) tensor; refuses ZeRO-3 partitions."""
-    if hasattr(t, "ds_id"):
-        raise NotImplementedError(
-            "ModelEMA does not support DeepSpeed ZeRO-3 partitioned parameters; see ema.py docstring")
-    full_tensor = getattr(t, "full_tensor", None)  # torch.distributed.tensor.DTensor (FSDP2)
-    return full_tensor() if callable(full_tensor) else t
 
 
 class ModelEMA:
@@ -113,11 +105,11 @@ class ModelEMA:
         """Fold the current weights of ``model`` (wrapped or not) into the average."""
         src = unwrap_model(model)
         decay = self.current_decay()
-        ema_p = list(self.module.parameters())
-        src_p = [_full(p) for p in src.parameters()]
+        ema_p, src_p = list(self.module.parameters()), list(src.parameters())
         if len(ema_p) != len(src_p):
             raise ValueError(f"ModelEMA.update: model has {len(src_p)} params, EMA has {len(ema_p)}")
-        ema_update_(ema_p, src_p, decay)
+        with full_parameters(src_p) as full:
+            ema_update_(ema_p, full, decay)
         self._copy_all(self.module.buffers(), src.buffers())
         self.num_updates += 1
 
@@ -133,8 +125,9 @@ class ModelEMA:
         dst, src = list(dst), list(src)
         if len(dst) != len(src):
             raise ValueError(f"ModelEMA: {len(src)} source tensors vs {len(dst)} EMA tensors")
-        for d, s in zip(dst, src):
-            d.copy_(_full(s))
+        with full_parameters(src) as full:
+            for d, s in zip(dst, full):
+                d.copy_(s)
 
     def state_dict(self) -> dict[str, Any]:
         return {"module": self.module.state_dict(), "decay": self.decay,

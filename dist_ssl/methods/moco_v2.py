@@ -31,6 +31,7 @@ from torch import nn
 from dist_ssl.config.schema import doc
 from dist_ssl.data.views import CropGroup, ViewSpec
 from dist_ssl.engine.ema import ema_update_
+from dist_ssl.parallel.full_params import full_parameters
 from dist_ssl.heads.projection import MultiCropWrapper, ProjectionMLP
 from dist_ssl.losses.info_nce import queue_info_nce
 from dist_ssl.methods.base import Method, MethodConfig, MethodContext
@@ -66,23 +67,14 @@ def momentum_teacher(student: MultiCropWrapper) -> MultiCropWrapper:
     return teacher
 
 
-def _full(p: torch.Tensor, name: str) -> torch.Tensor:
-    """The unsharded value of a student parameter (FSDP2 DTensor: a collective)."""
-    if hasattr(p, "ds_id"):
-        raise NotImplementedError(
-            f"momentum teacher: {name} is a DeepSpeed ZeRO-3 partition; the engine must gather "
-            "ZeRO-3 parameters for the teacher update (use DDP, FSDP2 or ZeRO-1/2 meanwhile)")
-    full_tensor = getattr(p, "full_tensor", None)
-    return full_tensor() if callable(full_tensor) else p
-
-
 @torch.no_grad()
 def momentum_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """``teacher = m * teacher + (1 - m) * student`` for every teacher parameter, matched by name.
 
-    ``student`` may be wrapped (DDP, DeepSpeed ZeRO-1/2 engine, torch.compile) or sharded in
-    place (FSDP2: each parameter is gathered with ``full_tensor()``, so every rank must call
-    this, in the same order). Buffers (BN statistics) are the teacher's own, as in MoCo.
+    ``student`` may be wrapped (DDP, torch.compile) or sharded in place (FSDP2 DTensors,
+    DeepSpeed ZeRO-3 partitions): sharded parameters are gathered (``parallel.full_params``,
+    a collective, so every rank must call this). Buffers (BN statistics) are the teacher's
+    own, as in MoCo.
     """
     source = dict(unwrap_model(student).named_parameters())
     targets, sources = [], []
@@ -90,8 +82,9 @@ def momentum_update_(teacher: nn.Module, student: nn.Module, momentum: float) ->
         if name not in source:
             raise KeyError(f"momentum_update_: teacher parameter {name!r} has no student counterpart")
         targets.append(t)
-        sources.append(_full(source[name], name))
-    ema_update_(targets, sources, momentum)
+        sources.append(source[name])
+    with full_parameters(sources) as full:  # FSDP2 / ZeRO-3: a collective
+        ema_update_(targets, full, momentum)
 
 
 @torch.no_grad()

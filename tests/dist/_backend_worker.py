@@ -4,8 +4,8 @@
         --backend <b> --out <result.json> --run-dir <dir>
 
 Trains a small MLP on a fixed global batch split evenly over the ranks, next to an in-process
-single-process reference on the full batch, then round-trips a checkpoint through
-CheckpointManager and resumes one step. Rank 0 writes everything the test asserts on to --out.
+single-process reference on the full batch, updates a momentum teacher and a ModelEMA from the
+(sharded) model, then round-trips a checkpoint through CheckpointManager and resumes one step. Rank 0 writes everything the test asserts on to --out.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from dist_ssl.engine.checkpoint import CheckpointError, CheckpointManager
+from dist_ssl.engine.ema import ModelEMA
+from dist_ssl.methods.moco_v2 import momentum_update_
 from dist_ssl.parallel import collectives as C
 from dist_ssl.parallel.accelerator import (
     ParallelConfig,
@@ -62,9 +64,15 @@ def data():
     return torch.randn(GLOBAL_BATCH, DIM, generator=g), torch.randn(GLOBAL_BATCH, 4, generator=g)
 
 
-def reference_losses(n: int) -> list[float]:
-    """The same training, one process, full batch, plain torch."""
+TEACHER_M = 0.75
+
+
+def reference_losses(n: int, teacher_after: int | None = None) -> tuple[list[float], dict | None]:
+    """The same training, one process, full batch, plain torch; with ``teacher_after`` also the
+    teacher state m * init + (1 - m) * params after that many steps."""
     model = make_model()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    teacher = None
     opt, sched = make_opt(model)
     x, y = data()
     out = []
@@ -75,7 +83,15 @@ def reference_losses(n: int) -> list[float]:
         sched.step()
         opt.zero_grad()
         out.append(loss.item())
-    return out
+        if len(out) == teacher_after:
+            teacher = {k: TEACHER_M * init[k] + (1 - TEACHER_M) * v for k, v in model.state_dict().items()}
+    return out, teacher
+
+
+def teacher_error(teacher: nn.Module, ema: ModelEMA, ref: dict) -> dict:
+    """Max abs difference of the momentum teacher and the EMA (decay m, one update) to the reference."""
+    return {name: max((p - ref[k]).abs().max().item() for k, p in mod.state_dict().items())
+            for name, mod in (("teacher", teacher), ("ema", ema.module))}
 
 
 def train_step(acc, model, opt, sched, x, y) -> float:
@@ -188,13 +204,22 @@ def main() -> None:
     if args.backend == "ddp":
         result["collectives"] = collective_checks(rank, world)
 
+    if args.backend == "zero3":  # partition even tiny parameters (default: < 1e5 elements stay whole)
+        acc.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     model = make_model()
+    raw = model  # FSDP2 / ZeRO-3 shard its parameters in place; the teacher reads them through it
+    teacher, ema = make_model().requires_grad_(False), ModelEMA(model, TEACHER_M)  # built before sharding
     model, opt, sched = prepare_model_and_optimizer(acc, model, *make_opt(model))
     result["sharding"] = sharding_evidence(model)
     x, y = data()
     per = GLOBAL_BATCH // world
     x, y = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
     losses = [train_step(acc, model, opt, sched, x, y) for _ in range(STEPS)]
+    result["partitioned_at_update"] = sum(p.numel() == 0 for p in raw.parameters())
+    momentum_update_(teacher, raw, TEACHER_M)  # collectives for FSDP2 / ZeRO-3: every rank calls
+    ema.update(raw)
+    reference, teacher_ref = reference_losses(STEPS + 1, teacher_after=STEPS)
+    result["teacher_error"] = teacher_error(teacher, ema, teacher_ref)
 
     cm = CheckpointManager(args.run_dir, keep_last=2)
     digest_saved = param_digest(acc, model)
@@ -213,7 +238,7 @@ def main() -> None:
         losses=losses,
         perturbed=perturbed,
         resumed_loss=resumed_loss,
-        reference=reference_losses(STEPS + 1),
+        reference=reference,
         digest_saved=digest_saved,
         digest_perturbed=digest_perturbed,
         digest_loaded=digest_loaded,
