@@ -5,7 +5,7 @@ DINO centers kept as buffers, ...) are copied, since averaging running statistic
 meaningful and copying keeps them consistent with the weights they normalise.
 
 Sharded training: ``ModelEMA.update`` reads the *unwrapped* module (DDP / DataParallel
-``.module``, ``torch.compile``'s ``_orig_mod``). For FSDP2 the EMA must be constructed from
+``.module``, DeepSpeed's engine, ``torch.compile``'s ``_orig_mod``). For FSDP2 the EMA must be constructed from
 the model *before* ``fully_shard`` / ``accelerator.prepare`` (FSDP2 modules refuse deepcopy);
 afterwards DTensor parameters are gathered one at a time with ``full_tensor()`` — a
 collective, so every rank must call ``update`` — and the EMA holds full, unsharded weights on
@@ -22,20 +22,10 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
+from dist_ssl.models.export import unwrap_model
 from dist_ssl.parallel.full_params import full_parameters
 
 __all__ = ["ModelEMA", "ema_update_", "unwrap_model"]
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Peel DDP/DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 @torch.no_grad()
