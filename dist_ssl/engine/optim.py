@@ -48,6 +48,9 @@ class OptimConfig:
     lr: Optional[float] = field(default=None, metadata={"help": "absolute lr; overrides base_lr scaling"})
     min_lr: float = field(default=1e-6, metadata={"help": "absolute lr at the end of the cosine decay"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW decoupled weight decay for >1-d weights"})
+    weight_decay_end: Optional[float] = field(
+        default=None, metadata={"help": "cosine from weight_decay (step 0) to this (last step), DINO: 0.04 -> 0.4; "
+                                        "None = constant"})
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW (beta1, beta2)"})
     eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
     layer_decay: Optional[float] = field(
@@ -72,6 +75,8 @@ class OptimConfig:
             raise ValueError(f"min_lr: must be >= 0, got {self.min_lr}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.weight_decay_end is not None and self.weight_decay_end < 0:
+            raise ValueError(f"weight_decay_end: must be >= 0 or null, got {self.weight_decay_end}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas: need two values in [0, 1), got {self.betas}")
         if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
@@ -169,6 +174,15 @@ def param_groups(
         groups[key]["params"].append(p)
     # Sorted so the group order (and so optimizer state_dict layout) is deterministic.
     return [groups[k] for k in sorted(groups)]
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, value: float) -> None:
+    """Set the weight decay of every decayed group (``param_groups``' "..._decay" groups; the
+    no-decay groups stay at 0). Works through accelerate's and DeepSpeed's optimizer wrappers,
+    which keep the torch optimizer's group dicts."""
+    for g in optimizer.param_groups:
+        if not g.get("group_name", "").endswith("no_decay"):
+            g["weight_decay"] = value
 
 
 def build_optimizer(cfg: OptimConfig, groups: list[dict], lr: float) -> torch.optim.AdamW:

@@ -20,8 +20,10 @@ from dist_ssl.config.run import save_config
 from dist_ssl.engine.checkpoint import CheckpointManager
 from dist_ssl.engine.evaluate import evaluate_topk
 from dist_ssl.engine.metrics import build_sinks, memory_stats
+from dist_ssl.engine.optim import set_weight_decay
 from dist_ssl.engine.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
 from dist_ssl.engine.progress import Progress
+from dist_ssl.engine.schedules import cosine
 from dist_ssl.engine.setup import RunParts, build_run, run_name
 from dist_ssl.parallel.accelerator import describe
 from dist_ssl.atomic import atomic_write_json
@@ -90,6 +92,7 @@ class Trainer:
         if self.parts.local_optimizer is not None:
             self.per_rank = _per_rank_objects(method, self.parts.local_optimizer, self.parts.local_scheduler)
         self.step = 0
+        self._last_weight_decay: float | None = None  # of the last step, when scheduled (logged)
         self.sinks = build_sinks(cfg.metrics, self.out, run=run_name(cfg), rank=acc.process_index,
                                  local_rank=acc.local_process_index, is_main=self.is_main)
 
@@ -185,6 +188,8 @@ class Trainer:
                 norm = acc.clip_grad_norm_(parts.method.student.parameters(), self.cfg.optim.clip_grad)
                 # FSDP2 returns a DTensor; the log reduction needs a plain tensor
                 out["logs"]["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            if acc.sync_gradients and self.cfg.optim.weight_decay_end is not None:
+                self._apply_weight_decay_schedule()
             parts.optimizer.step()
             if parts.local_optimizer is not None and acc.sync_gradients:
                 parts.local_optimizer.step()
@@ -200,6 +205,19 @@ class Trainer:
                 parts.ema.update(parts.method.student)
         return loss.detach(), out["logs"]
 
+    def _weight_decay_now(self) -> float:
+        """Weight decay of the optimizer step about to be taken (0-based step ``self.step``)."""
+        o = self.cfg.optim
+        if o.weight_decay_end is None:
+            return o.weight_decay
+        return cosine(self.step, self.parts.total_steps, o.weight_decay, o.weight_decay_end)
+
+    def _apply_weight_decay_schedule(self) -> None:
+        wd = self._last_weight_decay = self._weight_decay_now()
+        for opt in (self.parts.optimizer, self.parts.local_optimizer):
+            if opt is not None:
+                set_weight_decay(opt, wd)
+
     # ------------------------------------------------------------------ outputs
     def _log(self, epoch: int, loss: torch.Tensor, logs: dict, step_time: float, waited: float) -> None:
         acc, parts = self.parts.accelerator, self.parts
@@ -209,6 +227,7 @@ class Trainer:
         row = {"epoch": epoch, "loss": values[0].item(),
                **{k: v.item() for k, v in zip(logs, values[1:])},
                "lr": parts.optimizer.param_groups[0]["lr"],
+               **({"weight_decay": self._last_weight_decay} if self._last_weight_decay is not None else {}),
                "images_per_sec": parts.global_batch / max(step_time, 1e-9),
                "samples_seen": self.step * parts.global_batch,
                "step_time": step_time,

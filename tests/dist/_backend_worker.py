@@ -24,6 +24,7 @@ from torch import nn
 
 from dist_ssl.engine.checkpoint import CheckpointError, CheckpointManager
 from dist_ssl.engine.ema import ModelEMA
+from dist_ssl.engine.optim import set_weight_decay
 from dist_ssl.methods.moco_v2 import momentum_update_
 from dist_ssl.parallel import collectives as C
 from dist_ssl.parallel.accelerator import (
@@ -127,6 +128,23 @@ def sharding_evidence(model) -> dict:
     }
 
 
+def weight_decay_reaches_adamw(opt, model) -> list[list[float]]:
+    """The trainer's weight-decay schedule sets the wrapped optimizer's groups; check that the
+    torch AdamW doing the update (under accelerate's and DeepSpeed's wrappers) sees the values."""
+    inner = []
+    for root in (opt, getattr(model, "optimizer", None)):  # DeepSpeedEngine.optimizer: the ZeRO optimizer
+        o = root
+        while o is not None and not isinstance(o, torch.optim.AdamW):
+            o = getattr(o, "optimizer", None)
+        if o is not None:
+            inner.append(o)
+    seen = []
+    for value in (0.123, 0.05):  # 0.05: back to make_opt's value before training
+        set_weight_decay(opt, value)
+        seen.append([g["weight_decay"] for o in inner for g in o.param_groups])
+    return seen
+
+
 def collective_checks(rank: int, world: int) -> dict:
     """2-process checks of dist_ssl.parallel.collectives against single-process math."""
     res = {"rank": C.get_rank(), "world": C.get_world_size()}
@@ -211,6 +229,7 @@ def main() -> None:
     teacher, ema = make_model().requires_grad_(False), ModelEMA(model, TEACHER_M)  # built before sharding
     model, opt, sched = prepare_model_and_optimizer(acc, model, *make_opt(model))
     result["sharding"] = sharding_evidence(model)
+    result["weight_decay_seen"] = weight_decay_reaches_adamw(opt, model)
     x, y = data()
     per = GLOBAL_BATCH // world
     x, y = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]

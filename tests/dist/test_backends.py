@@ -220,6 +220,9 @@ def test_backend_trains_like_one_process_and_checkpoints(backend, tmp_path):
     else:
         assert s["zero_stage"] == int(backend[-1])
         assert s["zero3_partitioned_params"] == (s["n_params"] if backend == "zero3" else 0)
+    # the weight-decay schedule reaches the AdamW that steps (through accelerate / DeepSpeed wrappers)
+    set_wd, back = r["weight_decay_seen"]
+    assert set_wd and set(set_wd) == {0.123} and set(back) == {0.05}, r["weight_decay_seen"]
     # 2. finite, decreasing, and equal to one process on the full batch (fp32, even split)
     losses, ref = r["losses"], r["reference"]
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]

@@ -18,6 +18,11 @@ FAST = ["model.name=vit_pico_patch4_28", "model.drop_path=0.1", "train.batch_siz
         "optim.base_lr=2e-3"]
 
 
+# the baseline run: 12 steps, checkpoints every 4, a weight-decay schedule (checked in its log
+# and, through the SIGTERM/resume test, resumed exactly)
+BASELINE = ["train.steps=12", "ckpt.every_steps=4", "optim.weight_decay_end=0.5"]
+
+
 def train_env() -> dict:
     env = dict(os.environ, DIST_SSL_PROGRESS="0", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("RANK", None)
@@ -45,7 +50,6 @@ def read_log(out: Path, kind: str = "train") -> list[dict]:
 def baseline_run(tmp_path_factory, fmnist2k_shards, fmnist_test_shards_small) -> Path:
     """One uninterrupted 12-step single-process run; several tests compare against it."""
     out = tmp_path_factory.mktemp("baseline") / "run"
-    proc = run_train(out, fmnist2k_shards, fmnist_test_shards_small, "train.steps=12",
-                     "ckpt.every_steps=4")
+    proc = run_train(out, fmnist2k_shards, fmnist_test_shards_small, *BASELINE)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out

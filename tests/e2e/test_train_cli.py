@@ -10,6 +10,7 @@ import subprocess
 import time
 import urllib.request
 
+import pytest
 import timm
 import torch
 
@@ -17,7 +18,9 @@ import dist_ssl.models  # noqa: F401  (registers the small ViTs with timm)
 from dist_ssl.config.run import reload_saved_config
 from dist_ssl.models.export import timm_pretrained_kwargs
 
-from .conftest import REPO, read_log, run_train, train_args, train_env
+from dist_ssl.engine.schedules import cosine
+
+from .conftest import BASELINE, REPO, read_log, run_train, train_args, train_env
 
 
 def test_run_writes_everything_and_learns(baseline_run):
@@ -35,6 +38,9 @@ def test_run_writes_everything_and_learns(baseline_run):
     assert math.isclose(info["lr"], 2e-3 * 32 / 256)
     cfg = reload_saved_config(baseline_run / "config.yaml")
     assert cfg.train.steps == 12 and cfg.model.name == "vit_pico_patch4_28"
+    # weight decay of each step: cosine from optim.weight_decay to optim.weight_decay_end
+    assert [r["weight_decay"] for r in rows] == [cosine(s - 1, 12, cfg.optim.weight_decay, 0.5) for s in range(1, 13)]
+    assert rows[0]["weight_decay"] == pytest.approx(cfg.optim.weight_decay) and rows[-1]["weight_decay"] > 0.45
     result = json.loads((baseline_run / "eval.json").read_text())
     assert result["num_samples"] == 500 and 0.15 < result["top1"] <= result["top5"] <= 1.0
     kept = sorted(p.name for p in (baseline_run / "checkpoints").iterdir())
@@ -66,7 +72,7 @@ def _wait_for_rows(out, n, proc, timeout=240):
 def test_sigterm_checkpoints_and_resume_is_bit_exact(tmp_path, baseline_run, fmnist2k_shards,
                                                      fmnist_test_shards_small):
     out = tmp_path / "run"
-    args = train_args(out, fmnist2k_shards, fmnist_test_shards_small, "train.steps=12", "ckpt.every_steps=4")
+    args = train_args(out, fmnist2k_shards, fmnist_test_shards_small, *BASELINE)
     proc = subprocess.Popen(args, cwd=REPO, env=train_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dist_ssl.engine.optim import (
-    OptimConfig, absolute_lr, build_optimizer, param_groups, resolve_warmup_steps, vit_layer_id,
+    OptimConfig, absolute_lr, build_optimizer, param_groups, resolve_warmup_steps, set_weight_decay, vit_layer_id,
 )
 
 WD = 0.05
@@ -116,3 +116,10 @@ def test_config_validate_names_field(kwargs, field):
     OptimConfig().validate()
     with pytest.raises(ValueError, match=f"^{field}:"):
         OptimConfig(**kwargs).validate()
+
+
+def test_set_weight_decay_changes_decayed_groups_only(vit):
+    opt = build_optimizer(OptimConfig(weight_decay=0.05), param_groups(vit, 0.05), lr=1e-3)
+    set_weight_decay(opt, 0.3)
+    by_kind = {g["group_name"]: g["weight_decay"] for g in opt.param_groups}
+    assert by_kind == {"layer_0_decay": 0.3, "layer_0_no_decay": 0.0}
