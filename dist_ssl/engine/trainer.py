@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from dist_ssl.config.run import save_config
-from dist_ssl.engine.checkpoint import CheckpointManager
+from dist_ssl.engine.checkpoint import CheckpointError, CheckpointManager
 from dist_ssl.engine.evaluate import evaluate_topk
 from dist_ssl.engine.metrics import build_sinks, memory_stats
 from dist_ssl.engine.optim import set_weight_decay
@@ -137,8 +137,27 @@ class Trainer:
         if path is None:
             return
         state = self.ckpt.load(path, self.parts.accelerator, per_rank=self.per_rank)
+        self._check_resume_topology(path, state)
         self.step = int(state["step"])
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _check_resume_topology(self, path: Path, state: dict) -> None:
+        """The step counter is the position: it means the same samples, epoch and lr only with the
+        same global batch, so a change is an error; another world size with the same global batch
+        (e.g. IDMM's shards re-sharded) is fine at an epoch boundary, approximate mid-epoch."""
+        parts, acc = self.parts, self.parts.accelerator
+        saved_batch, saved_world = state.get("global_batch"), state.get("num_processes")
+        if saved_batch is not None and saved_batch != parts.global_batch:
+            accum = self.cfg.parallel.grad_accum_steps
+            raise CheckpointError(
+                f"{path}: written with global batch {saved_batch} ({saved_world} processes), this run has "
+                f"{parts.global_batch} ({acc.num_processes} x {self.cfg.train.batch_size} x {accum} accumulation); "
+                f"resume with the same global batch (set train.batch_size or parallel.grad_accum_steps) "
+                f"or start a new run (resume=none)")
+        if saved_world is not None and saved_world != acc.num_processes and int(state["step"]) % parts.steps_per_epoch:
+            log.warning("resuming mid-epoch with %d processes instead of %d: the rest of this epoch is drawn "
+                        "from the new per-rank split, so some of its samples may repeat or be skipped "
+                        "(exact only with the same world size)", acc.num_processes, saved_world)
 
     # ------------------------------------------------------------------ one epoch
     def _run_epoch(self, flag: PreemptionFlag, progress: Progress) -> bool:
@@ -241,7 +260,9 @@ class Trainer:
     def _save(self) -> None:
         self.ckpt.save(self.step, self.parts.accelerator,
                        {"epoch": self.step // self.parts.steps_per_epoch,
-                        "steps_per_epoch": self.parts.steps_per_epoch},
+                        "steps_per_epoch": self.parts.steps_per_epoch,
+                        "global_batch": self.parts.global_batch,
+                        "num_processes": self.parts.accelerator.num_processes},
                        per_rank=self.per_rank)
 
     def _export_backbone(self) -> None:

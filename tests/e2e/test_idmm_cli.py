@@ -106,7 +106,15 @@ def test_resume_with_one_process_reshards_then_finetune(two_proc_run, tmp_path, 
     shutil.copytree(two_proc_run, out)
     saved = out / "checkpoints" / "step_00000006"
     w6 = torch.cat([_shard(saved, "local_modules", r)["classifier"]["weight"] for r in range(2)])
+    # 1 process x 32 would halve the global batch (2 x 32): the step counter would then mean other
+    # samples and another lr, so that resume is refused with one line ...
     proc = subprocess.run([sys.executable, *_args(out, fmnist125, "train.steps=8", "ckpt.every_steps=4")],
+                          cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert "written with global batch 64 (2 processes), this run has 32" in proc.stderr.strip().splitlines()[-1]
+    # ... and 1 process x 64 (the same global batch) resumes, re-sharding the classifier
+    proc = subprocess.run([sys.executable, *_args(out, fmnist125, "train.steps=8", "ckpt.every_steps=4",
+                                                  "train.batch_size=64")],
                           cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resumed from" in proc.stderr and "at step 6" in proc.stderr
