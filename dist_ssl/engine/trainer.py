@@ -140,6 +140,10 @@ class Trainer:
         self._check_resume_topology(path, state)
         self.step = int(state["step"])
         log.info("resumed from %s at step %d", path, self.step)
+        if self.step >= self.parts.total_steps:
+            log.warning("the checkpoint (step %d) is at or past this run's %d total steps: nothing left to train; "
+                        "evaluating and exporting it as it is (resume=none starts over)",
+                        self.step, self.parts.total_steps)
 
     def _check_resume_topology(self, path: Path, state: dict) -> None:
         """The step counter is the position: it means the same samples, epoch and lr only with the

@@ -112,6 +112,15 @@ def test_corrupt_checkpoint_is_named(tmp_path, baseline_run, fmnist2k_shards):
     assert str(weights) in last and last.startswith("train.py: error:"), last
 
 
+def test_resume_past_the_end_says_nothing_is_left(tmp_path, baseline_run, fmnist2k_shards):
+    out = tmp_path / "run"
+    shutil.copytree(baseline_run, out)
+    proc = run_train(out, fmnist2k_shards, None, *BASELINE[1:], "train.steps=4")  # checkpoint is at 12
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "at or past this run's 4 total steps: nothing left to train" in proc.stderr
+    assert [r["step"] for r in read_log(out)] == list(range(1, 13))  # no new training rows
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
