@@ -22,6 +22,7 @@ from dist_ssl.engine.optim import absolute_lr, build_optimizer, param_groups, re
 from dist_ssl.engine.schedules import build_lr_scheduler
 from dist_ssl.methods import Method, MethodContext, build_method
 from dist_ssl.parallel.accelerator import build_accelerator, prepare_model_and_optimizer
+from dist_ssl.parallel.global_batchnorm import convert_to_global_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ def build_run(cfg) -> RunParts:
                         num_classes=manifest.num_classes, in_chans=cfg.model.in_chans,
                         world_size=world, rank=rank, output_dir=cfg.output_dir, seed=cfg.seed)
     method = build_method(cfg.method, ctx)
+    if world > 1 and cfg.parallel.global_batchnorm:  # before the optimizer, EMA and DP wrapping see it
+        _, n_bn = convert_to_global_batchnorm(method)
+        if n_bn:
+            log.info("%d BatchNorm layers normalise over the global batch (parallel.global_batchnorm)", n_bn)
     loader = build_train_loader(cfg.data.train, method.train_views(), cfg.train.batch_size,
                                 rank=rank, world_size=world, num_workers=cfg.data.num_workers,
                                 seed=cfg.seed, drop_last=cfg.data.drop_last)

@@ -11,9 +11,9 @@ stacked view-major (rows ``v*B .. (v+1)*B - 1`` belong to view v).
   It is the ``student`` a method hands to the engine, so DDP / FSDP2 / ZeRO see ONE forward
   per step however many crops there are.
 
-BatchNorm here is per process: without SyncBatchNorm (which needs CUDA) its batch statistics
-are those of the local batch, so a BN head is not exactly the single-process computation on the
-global batch. ``norm="none"`` is.
+BatchNorm here is plain ``nn.BatchNorm1d``; in multi-process runs the engine converts it to
+``parallel.global_batchnorm.GlobalBatchNorm`` (statistics over all ranks' rows, SimCLR's global
+BN; ``parallel.global_batchnorm=false`` keeps per-process statistics).
 """
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ Shapes: views 2 x [B, C, H, W]; q, k [2B, P] -> q1, q2, k1, k2 [B, P] (P = ``pro
 
 ViT stability trick (their Sec. 4.2): ``freeze_patch_embed`` keeps the randomly initialised
 patch projection fixed (``requires_grad=False``: the optimizer and the gradient sync skip it).
-The BN in the MLP heads is per process (MoCo v3 used SyncBN; ``head_norm: none`` gives a head
-whose data-parallel result equals the single-process one).
+The BN in the MLP heads (student and momentum teacher) normalises over the global batch in
+multi-process runs, as MoCo v3's SyncBN (GlobalBatchNorm; ``parallel.global_batchnorm``).
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class MoCoV3Config(MethodConfig):
     proj_dim: int = doc(256, "output dimension P of projector and predictor")
     proj_layers: int = doc(3, "projector layers (MoCo v3: 3)")
     pred_layers: int = doc(2, "predictor layers (MoCo v3: 2)")
-    head_norm: Literal["bn", "none"] = doc("bn", "BatchNorm in projector/predictor (per process) or none")
+    head_norm: Literal["bn", "none"] = doc("bn", "BatchNorm in projector/predictor (global over ranks, see parallel.global_batchnorm) or none")
     freeze_patch_embed: bool = doc(True, "keep the random patch projection fixed (ViT stability trick)")
     crop_size: Optional[int] = doc(None, "crop size; None = model.img_size")
     crop_scale: tuple[float, float] = doc((0.08, 1.0), "RandomResizedCrop area range")

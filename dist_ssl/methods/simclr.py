@@ -7,9 +7,9 @@ projection of the GLOBAL batch (gathered across ranks with gradient: losses/info
 
 Shapes: views 2 x [B, C, H, W]; z [2B, P] -> z1, z2 [B, P] (P = ``proj_dim``).
 
-The projection head defaults to SimCLR's Linear-BN-ReLU-Linear. Its BatchNorm normalises per
-process (SimCLR used global BN across TPU cores; SyncBatchNorm needs CUDA): set
-``head_norm: none`` for a head whose data-parallel result equals the single-process one.
+The projection head defaults to SimCLR's Linear-BN-ReLU-Linear. In multi-process runs its
+BatchNorm normalises over the global batch (GlobalBatchNorm, as SimCLR's global BN across TPU
+cores; tested equal to one process on the whole batch), unless ``parallel.global_batchnorm=false``.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class SimCLRConfig(MethodConfig):
     proj_hidden_dim: int = doc(2048, "hidden width of the projection MLP")
     proj_dim: int = doc(128, "output dimension P of the projection MLP")
     proj_layers: int = doc(2, "linear layers in the projection MLP (SimCLR v1: 2)")
-    head_norm: Literal["bn", "none"] = doc("bn", "BatchNorm in the projection MLP (per process) or none")
+    head_norm: Literal["bn", "none"] = doc("bn", "BatchNorm in the projection MLP (global over ranks, see parallel.global_batchnorm) or none")
     crop_size: Optional[int] = doc(None, "crop size; None = model.img_size")
     crop_scale: tuple[float, float] = doc((0.08, 1.0), "RandomResizedCrop area range")
 

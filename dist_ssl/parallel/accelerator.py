@@ -83,6 +83,9 @@ class ParallelConfig:
     ddp_find_unused_parameters: bool = field(
         default=False, metadata={"help": "DDP: tolerate parameters without gradient (costs a graph walk per step)"}
     )
+    global_batchnorm: bool = field(
+        default=True, metadata={"help": "BatchNorm statistics over all ranks' batch (SimCLR's global BN) in "
+                                        "multi-process runs; False = per process"})
     dist_timeout_s: int = field(
         default=1800, metadata={"help": "process-group timeout in seconds (raise for slow checkpoint writes)"}
     )

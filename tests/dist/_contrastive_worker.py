@@ -19,6 +19,7 @@ from torch import nn
 from dist_ssl.config.registry import variants
 from dist_ssl.methods import MethodConfig, MethodContext, build_method
 from dist_ssl.models.factory import ModelConfig
+from dist_ssl.parallel.global_batchnorm import convert_to_global_batchnorm
 
 WORLD, GLOBAL_B, LR = 2, 8, 0.5
 # Heads without BatchNorm: per-process BN statistics would (correctly) differ from one process.
@@ -29,12 +30,16 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "mocov3": dict(proj_hidden_dim=32, proj_dim=16, head_norm="none"),
     "dino": dict(out_dim=32, hidden_dim=32, bottleneck_dim=16, local_crops=2, local_crop_size=12,
                  freeze_last_layer_epochs=0),
+    # BatchNorm heads: the ranks run GlobalBatchNorm (as the engine converts them), the reference
+    # plain BatchNorm on the whole batch
+    "simclr_bn": dict(proj_hidden_dim=32, proj_dim=16, head_norm="bn"),
+    "mocov3_bn": dict(proj_hidden_dim=32, proj_dim=16, head_norm="bn"),
 }
 
 
 def make_method(name: str):
     torch.manual_seed(0)  # identical weights, queue and heads on every rank and in the reference
-    cfg = variants(MethodConfig)[name](**CONFIGS[name])
+    cfg = variants(MethodConfig)[name.removesuffix("_bn")](**CONFIGS[name])
     ctx = MethodContext(model=ModelConfig(name="vit_pico_patch4_28", img_size=28, in_chans=1),
                         num_samples=64, num_classes=10, in_chans=1, total_steps=10, steps_per_epoch=5)
     return build_method(cfg, ctx)
@@ -131,6 +136,7 @@ def run(rank: int, init_file: str, out_dir: str) -> None:
     for name in CONFIGS:
         method = make_method(name)
         batch = rank_slice(global_batch(method), rank, WORLD)
+        _, results[f"{name}:global_bn"] = convert_to_global_batchnorm(method)  # what the engine does
         params = list(method.student.named_parameters())
         method.student = nn.parallel.DistributedDataParallel(method.student)
         results[name] = one_step(method, batch, params)

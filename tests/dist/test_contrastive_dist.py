@@ -40,6 +40,14 @@ def reference(name: str):
     return method, batch, W.one_step(method, batch, list(method.student.named_parameters()))
 
 
+def reference_float64(name: str) -> dict:
+    """Single-process gradients of the whole batch in float64."""
+    method = W.make_method(name).double()
+    batch = W.global_batch(method)
+    batch["views"] = [v.double() for v in batch["views"]]
+    return W.one_step(method, batch, list(method.student.named_parameters()))["grads"]
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", list(W.CONFIGS) + ["dino_fsdp2"])
 def test_split_batch_equals_single_process(ranks, name):
@@ -48,13 +56,27 @@ def test_split_batch_equals_single_process(ranks, name):
     assert "error" not in r0, r0.get("error")
     if name.endswith("_fsdp2"):  # really sharded: every student parameter is a DTensor
         assert r0["dtensor_params"] == r0["n_params"] > 0
+    if name.endswith("_bn"):  # the heads' BatchNorms (student, and teacher for MoCo v3) were converted
+        assert ranks[0][f"{name}:global_bn"] >= 1
     # loss of the global batch = mean of the ranks' losses (equal shard sizes)
     assert (r0["loss"] + r1["loss"]) / 2 == pytest.approx(ref["loss"], rel=1e-5, abs=1e-7)
     # DDP-averaged gradients = single-process gradients of the whole batch
     assert r0["grads"].keys() == ref["grads"].keys() and ref["grads"]
-    for key, g in ref["grads"].items():
-        torch.testing.assert_close(r0["grads"][key], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
-        assert torch.equal(r0["grads"][key], r1["grads"][key]), key
+    if name.endswith("_bn"):
+        # BatchNorm's backward over 16 rows amplifies fp32 rounding: the fp32 single-process
+        # gradients themselves are up to ~6e-5 off the float64 ones. So the ranks are held to
+        # the float64 reference, within a few times the fp32 reference's own error per tensor
+        # (per-process BN instead of global BN misses by orders of magnitude: loss 4.54 vs 3.67).
+        ref64 = reference_float64(name)
+        for key, g64 in ref64.items():
+            own = (ref["grads"][key].double() - g64).abs().max().item()
+            err = (r0["grads"][key].double() - g64).abs().max().item()
+            assert err <= 4 * own + 1e-6, f"{key}: {err:.2e} from float64, fp32 reference {own:.2e}"
+            assert torch.equal(r0["grads"][key], r1["grads"][key]), key
+    else:
+        for key, g in ref["grads"].items():
+            torch.testing.assert_close(r0["grads"][key], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+            assert torch.equal(r0["grads"][key], r1["grads"][key]), key
     # method state after the step: identical on both ranks, equal to the reference
     assert r0["state"].keys() == r1["state"].keys() == ref["state"].keys()
     for key, v in ref["state"].items():
