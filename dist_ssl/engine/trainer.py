@@ -92,7 +92,6 @@ class Trainer:
         if self.parts.local_optimizer is not None:
             self.per_rank = _per_rank_objects(method, self.parts.local_optimizer, self.parts.local_scheduler)
         self.step = 0
-        self._last_weight_decay: float | None = None  # of the last step, when scheduled (logged)
         self.sinks = build_sinks(cfg.metrics, self.out, run=run_name(cfg), rank=acc.process_index,
                                  local_rank=acc.local_process_index, is_main=self.is_main)
 
@@ -211,8 +210,8 @@ class Trainer:
                 norm = acc.clip_grad_norm_(parts.method.student.parameters(), self.cfg.optim.clip_grad)
                 # FSDP2 returns a DTensor; the log reduction needs a plain tensor
                 out["logs"]["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-            if acc.sync_gradients and self.cfg.optim.weight_decay_end is not None:
-                self._apply_weight_decay_schedule()
+            if acc.sync_gradients and (wd := self._weight_decay_at(self.step)) is not None:
+                self._apply_weight_decay(wd)
             parts.optimizer.step()
             if parts.local_optimizer is not None and acc.sync_gradients:
                 parts.local_optimizer.step()
@@ -228,15 +227,14 @@ class Trainer:
                 parts.ema.update(parts.method.student)
         return loss.detach(), out["logs"]
 
-    def _weight_decay_now(self) -> float:
-        """Weight decay of the optimizer step about to be taken (0-based step ``self.step``)."""
+    def _weight_decay_at(self, step: int) -> float | None:
+        """Scheduled weight decay of optimizer step ``step`` (0-based); None when not scheduled."""
         o = self.cfg.optim
         if o.weight_decay_end is None:
-            return o.weight_decay
-        return cosine(self.step, self.parts.total_steps, o.weight_decay, o.weight_decay_end)
+            return None
+        return cosine(step, self.parts.total_steps, o.weight_decay, o.weight_decay_end)
 
-    def _apply_weight_decay_schedule(self) -> None:
-        wd = self._last_weight_decay = self._weight_decay_now()
+    def _apply_weight_decay(self, wd: float) -> None:
         for opt in (self.parts.optimizer, self.parts.local_optimizer):
             if opt is not None:
                 set_weight_decay(opt, wd)
@@ -247,10 +245,11 @@ class Trainer:
         values = torch.stack([loss.float()] + [torch.as_tensor(v, dtype=torch.float32, device=loss.device)
                                                for v in logs.values()])
         values = acc.reduce(values, reduction="mean")  # collective: every rank logs the same steps
+        wd = self._weight_decay_at(self.step - 1)  # of the step just taken, when scheduled
         row = {"epoch": epoch, "loss": values[0].item(),
                **{k: v.item() for k, v in zip(logs, values[1:])},
                "lr": parts.optimizer.param_groups[0]["lr"],
-               **({"weight_decay": self._last_weight_decay} if self._last_weight_decay is not None else {}),
+               **({"weight_decay": wd} if wd is not None else {}),
                "images_per_sec": parts.global_batch / max(step_time, 1e-9),
                "samples_seen": self.step * parts.global_batch,
                "step_time": step_time,
