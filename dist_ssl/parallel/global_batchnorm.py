@@ -37,26 +37,27 @@ class GlobalBatchNorm(_BatchNorm):
         self._check_input_dim(x)
         dims = [0, *range(2, x.dim())]  # every dim but the channel
         shape = [1, -1] + [1] * (x.dim() - 2)
-        count = x.new_tensor([x.numel() // max(x.shape[1], 1)], dtype=torch.float32)
-        stats = dist_fn.all_reduce(torch.cat([x.float().sum(dims), count]))
-        n = stats[-1]
+        xf = x.float()
+        count = xf.new_tensor([x.numel() // max(x.shape[1], 1)])
+        stats = dist_fn.all_reduce(torch.cat([xf.sum(dims), count]))
+        n = stats[-1]  # kept on the device: no host sync per forward
         mean = stats[:-1] / n
-        xc = x.float() - mean.view(shape)
+        xc = xf - mean.view(shape)
         var = dist_fn.all_reduce(xc.pow(2).sum(dims)) / n
         y = xc * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         if self.track_running_stats:
-            self._update_running_stats(mean.detach(), var.detach(), n.item())
+            self._update_running_stats(mean.detach(), var.detach(), n.detach())
         return y.to(x.dtype)
 
     @torch.no_grad()
-    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: float) -> None:
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
         self.num_batches_tracked.add_(1)
         # momentum None = cumulative moving average, as in _BatchNorm
         m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
-        self.running_var.lerp_((var * n / max(n - 1.0, 1.0)).to(self.running_var.dtype), m)
+        self.running_var.lerp_((var * n / (n - 1.0).clamp_min(1.0)).to(self.running_var.dtype), m)
 
 
 def convert_to_global_batchnorm(module: nn.Module) -> tuple[nn.Module, int]:
