@@ -158,9 +158,8 @@ class _ShardedSoftCE(torch.autograd.Function):
             c1 = min(n_local, c0 + width)
             z = _block_logits(x, w[c0:c1], None if b is None else b[c0:c1], flat[: m_rows * (c1 - c0)])
             for ids, hit, out in ((la, in_a, za), (lb, in_b, zb)):
-                hit = hit & (ids >= c0) & (ids < c1)
-                rows = hit.nonzero().squeeze(1)
-                out[rows] = z[rows, ids[rows] - c0]
+                inb, col = _in_block(ids, hit, c0, c1)  # each target lies in one block: += is a set
+                out += torch.where(inb, z.gather(1, col[:, None]).squeeze(1), 0.0)
             zsum += z.sum(1)
             new_max = torch.maximum(rmax, z.amax(1))
             rsum.mul_((rmax - new_max).exp_()).add_(z.sub_(new_max[:, None]).exp_().sum(1))
@@ -198,8 +197,8 @@ class _ShardedSoftCE(torch.autograd.Function):
                     gz.sub_(lse[:, None]).exp_()
                 gz.sub_(eps / num_classes)  # p - q, below: the (1-eps) * lam / (1-lam) target terms
                 for ids, hit, wt in ((la, in_a, lam), (lb, in_b, 1 - lam)):
-                    rows = (hit & (ids >= c0) & (ids < c1)).nonzero().squeeze(1)
-                    gz.index_put_((rows, ids[rows] - c0), (eps - 1) * wt[rows], accumulate=True)
+                    inb, col = _in_block(ids, hit, c0, c1)
+                    gz.scatter_add_(1, col[:, None], torch.where(inb, (eps - 1) * wt, 0.0)[:, None])
                 gz = gz.to(w.dtype)
                 if need_w:
                     torch.mm(gz.t(), xs, out=gw[c0:c1])
@@ -212,6 +211,13 @@ class _ShardedSoftCE(torch.autograd.Function):
         if need_x:
             gx = gx.mul_(scale).to(x.dtype)
         return gx, gw, gb, None, None, None, None, None, None, None, None
+
+
+def _in_block(ids: torch.Tensor, hit: torch.Tensor, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which rows' target (local class id ``ids``, on this rank where ``hit``) lies in the class
+    block [c0, c1), and its column in the block (clamped into it for the other rows, whose
+    contribution is masked to 0). Masks instead of index lists: no host sync on a GPU."""
+    return hit & (ids >= c0) & (ids < c1), (ids - c0).clamp(0, c1 - c0 - 1)
 
 
 def _block_width(chunk: int, m_rows: int, n_local: int) -> int:
