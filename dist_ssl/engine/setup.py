@@ -99,8 +99,11 @@ def build_run(cfg) -> RunParts:
     local_optimizer = local_scheduler = None
     local = [p for m in method.local_modules() for p in m.parameters() if p.requires_grad]
     if local:
-        local_groups = [g for m in method.local_modules()
+        scale = method.local_lr_scale()
+        local_groups = [{**g, "lr_scale": g["lr_scale"] * scale} for m in method.local_modules()
                         for g in param_groups(m, cfg.optim.weight_decay)]
+        if scale != 1.0:
+            log.info("rank-local modules train at %g x the lr", scale)
         local_optimizer = build_optimizer(cfg.optim, local_groups, lr)
         local_scheduler = _lr_schedule(local_optimizer, cfg, total_steps, warmup, lr)
 

@@ -74,6 +74,11 @@ class Method(nn.Module):
         """Trainable modules the engine optimizes but never wraps for gradient sync."""
         return []
 
+    def local_lr_scale(self) -> float:
+        """Multiplier of the run's lr for the rank-local modules' optimizer (e.g. IDMM's
+        instance classifier, whose rows see a gradient once per epoch)."""
+        return 1.0
+
     @torch.no_grad()
     def after_step(self, step: int) -> None:
         """Post-optimizer-step updates (EMA teachers, queues, centers)."""

@@ -68,6 +68,7 @@ class IDMMConfig(MethodConfig):
     proj_dim: int = doc(256, "output width of the projection head (the classifier's D)")
     classifier_bias: bool = doc(False, "a bias per instance in the classifier")
     classifier_init_std: float = doc(0.02, "normal init std of W (same full W for any world size)")
+    classifier_lr_scale: float = doc(1.0, "lr multiplier of W (paper: 1; each row is a target once per epoch)")
     logit_chunk: Optional[int] = doc(None, "global-batch logit rows per block (memory C x N/P); None = all")
     seed: Optional[int] = doc(None, "seed of W's init and the CutMix draws; None = the run seed")
 
@@ -91,6 +92,8 @@ class IDMMConfig(MethodConfig):
             raise ValueError(f"cutmix_alpha: must be > 0 when cutmix is on, got {self.cutmix_alpha}")
         if self.blur_p is not None and not 0.0 <= self.blur_p <= 1.0:
             raise ValueError(f"blur_p: must be in [0, 1] or null, got {self.blur_p}")
+        if self.classifier_lr_scale <= 0:
+            raise ValueError(f"classifier_lr_scale: must be > 0, got {self.classifier_lr_scale}")
         if self.classifier_init_std <= 0:
             raise ValueError(f"classifier_init_std: must be > 0, got {self.classifier_init_std}")
 
@@ -201,6 +204,9 @@ class IDMM(Method):
     # ------------------------------------------------------------------ rank-local state
     def local_modules(self) -> list[nn.Module]:
         return [self.classifier]
+
+    def local_lr_scale(self) -> float:
+        return float(self.cfg.classifier_lr_scale)
 
     def local_state_dict(self) -> dict[str, Any]:
         return {"classifier": self.classifier.sharded_state_dict()}
