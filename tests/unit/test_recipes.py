@@ -11,7 +11,7 @@ import torch
 from dist_ssl.config import load_config
 from dist_ssl.data.manifest import load_manifest
 from dist_ssl.methods import MethodContext, build_method
-from dist_ssl.methods.idmm import _check_crop_sizes
+from dist_ssl.methods.idmm import _check_crop_sizes, backbone_config
 from dist_ssl.models.export import export_backbone
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -27,7 +27,7 @@ def test_recipe_loads_and_validates(path):
     cfg = load_config(path)
     assert cfg.output_dir
     if cfg.method.name == "idmm":  # crop sizes the backbone can take (dynamic_img_size when mixed)
-        _check_crop_sizes(cfg.model, [g.size for g in cfg.method.crop_groups()])
+        _check_crop_sizes(backbone_config(cfg.method, cfg.model), [g.size for g in cfg.method.crop_groups()])
 
 
 def test_idmm_and_finetune_recipes_exist_for_the_paper():
