@@ -231,7 +231,7 @@ class IDMM(Method):
     reshardable_local_state = True
 
     def reshard_local_state(self, name: str, states: list[dict]) -> dict:
-        """See Method.reshard_local_state: the classifier rows and their AdamW moments move to
+        """See Method.reshard_local_state: the classifier rows and their optimizer rows move to
         the new class ranges; the scheduler is the same on every rank."""
         if name == "local_modules":
             old = [s["classifier"] for s in states]
@@ -244,7 +244,8 @@ class IDMM(Method):
         raise KeyError(f"IDMM cannot re-shard {name!r}")
 
     def _reshard_optimizer(self, states: list[dict]) -> dict:
-        """Every local parameter is a classifier row shard, so is every non-scalar AdamW state."""
+        """Every local parameter is a classifier row shard, so is every non-scalar optimizer state
+        (AdamW exp_avg / exp_avg_sq, SGD momentum_buffer)."""
         n = self.classifier.num_classes
         starts, sizes = zip(*(shard_range(n, r, len(states)) for r in range(len(states))))
         start, n_local = self.classifier.shard_start, self.classifier.n_local
