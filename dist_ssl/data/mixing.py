@@ -5,6 +5,14 @@ the two *instance* ids weighted by the area each one keeps. One draw (lam, box, 
 permutation) is shared by the whole batch, as in the reference implementations (timm's
 ``Mixup``, the IDMM code); IDMM draws once per crop group (see ``dist_ssl.methods.idmm``).
 
+``fold=True`` is the official IDMM code's variant (``utils/mixup_utils.py: cutmix_data``):
+``lam = max(lam, 1 - lam)`` right after the Beta draw, so the box side is at most
+sqrt(1/2) of the image side and every image keeps at least half of its own pixels (its own
+instance id always has the larger weight). ``fold=False`` is plain CutMix (Yun et al.; timm),
+where the pasted patch may cover almost the whole image. The rest is the same in both: box
+side sqrt(1 - lam) x image side (truncated to whole pixels), centre uniform over the image,
+clipped at the border, then lam recomputed as the exact kept-pixel fraction.
+
 Randomness comes from an explicit ``numpy.random.Generator``: IDMM seeds one per
 (seed, rank, step, micro-step) with :func:`mix_rng`, so the draws are a function of the global
 step (a resumed run mixes exactly like an uninterrupted one) and never depend on, or disturb,
@@ -51,13 +59,16 @@ def rand_box(height: int, width: int, lam: float, rng: np.random.Generator) -> t
 
 
 def cutmix_instances(x: torch.Tensor, ids: torch.Tensor, alpha: float,
-                     rng: np.random.Generator) -> MixedBatch:
+                     rng: np.random.Generator, *, fold: bool = False) -> MixedBatch:
     """Paste a box of ``x[perm]`` into ``x`` (a new tensor; ``x`` is left untouched).
 
-    lam ~ Beta(alpha, alpha); the box follows lam, then lam is recomputed as the exact fraction
-    of pixels each image keeps (box area-corrected, as timm's ``correct_lam``). The partner is a
-    random permutation of the same batch (a row may be its own partner: then it is unmixed).
-    ``alpha <= 0`` returns the batch unmixed (lam = 1, perm = identity).
+    lam ~ Beta(alpha, alpha), folded to max(lam, 1 - lam) when ``fold`` (the official IDMM
+    code); the box follows lam, then lam is recomputed as the exact fraction of pixels each
+    image keeps (box area-corrected, as timm's ``correct_lam``). The partner is a random
+    permutation of the same batch (a row may be its own partner: then it is unmixed).
+    ``alpha <= 0`` returns the batch unmixed (lam = 1, perm = identity). The draws, in order:
+    lam, permutation, box centre (row, column); folding consumes no extra draw, so a key
+    gives the same permutation and box centre with or without it.
     """
     b, _, h, w = x.shape
     ids = ids.to(x.device)
@@ -65,6 +76,8 @@ def cutmix_instances(x: torch.Tensor, ids: torch.Tensor, alpha: float,
         ident = torch.arange(b, device=x.device)
         return MixedBatch(x, ids, ids, torch.ones(b, device=x.device), ident, (0, 0, 0, 0))
     lam = float(rng.beta(alpha, alpha))
+    if fold:
+        lam = max(lam, 1.0 - lam)
     perm = torch.from_numpy(rng.permutation(b)).to(x.device)
     top, bottom, left, right = rand_box(h, w, lam, rng)
     mixed = x.clone()

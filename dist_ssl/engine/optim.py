@@ -1,4 +1,9 @@
-"""Optimizer construction: config, absolute lr, AdamW parameter groups, layer-wise lr decay.
+"""Optimizer construction: config, absolute lr, parameter groups, layer-wise lr decay.
+
+Optimizers (``optim.name``): AdamW (decoupled weight decay; the ViT default) and SGD with
+momentum (weight decay as an L2 term added to the gradient, ``torch.optim.SGD``; the IDMM
+paper's MoCo v2 / SimCLR / SupCon baselines, Table 10). Both get the same parameter groups,
+weight-decay rule, layer decay and lr / weight-decay schedules.
 
 Weight-decay rule (MAE/DINO/timm convention): no decay on 1-d parameters (norm weights and
 biases, LayerScale gammas), on any ``*.bias``, and on the learned tokens and position
@@ -42,17 +47,21 @@ _STEM_RE = re.compile(r"(?:^|\.)(?:" + "|".join(_STEM_NAMES) + r")(?:\.|$)")
 
 @dataclass
 class OptimConfig:
-    """AdamW + warmup/cosine schedule settings. The absolute lr is derived, never hand-written."""
+    """Optimizer + warmup/cosine schedule settings. The absolute lr is derived, never hand-written."""
 
+    name: Literal["adamw", "sgd"] = field(
+        default="adamw", metadata={"help": "optimizer: adamw | sgd (momentum; weight decay as L2 on the gradient)"})
     base_lr: float = field(default=5e-4, metadata={"help": "lr per 256 images; scaled by global batch / 256"})
     lr: Optional[float] = field(default=None, metadata={"help": "absolute lr; overrides base_lr scaling"})
     min_lr: float = field(default=1e-6, metadata={"help": "absolute lr at the end of the cosine decay"})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW decoupled weight decay for >1-d weights"})
+    weight_decay: float = field(default=0.05, metadata={"help": "weight decay of >1-d weights (AdamW: decoupled; SGD: L2)"})
     weight_decay_end: Optional[float] = field(
         default=None, metadata={"help": "cosine from weight_decay (step 0) to this (last step), DINO: 0.04 -> 0.4; "
                                         "None = constant"})
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW (beta1, beta2)"})
     eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum (SimCLR / MoCo v2: 0.9)"})
+    nesterov: bool = field(default=False, metadata={"help": "SGD Nesterov momentum"})
     layer_decay: Optional[float] = field(
         default=None, metadata={"help": "layer-wise lr decay for fine-tuning (e.g. 0.65); None = off"})
     clip_grad: Optional[float] = field(default=None, metadata={"help": "max global grad norm; None = no clipping"})
@@ -67,6 +76,12 @@ class OptimConfig:
         default=(), metadata={"help": "extra glob patterns of parameter names without weight decay"})
 
     def validate(self) -> None:
+        if self.name not in ("adamw", "sgd"):
+            raise ValueError(f"name: must be 'adamw' or 'sgd', got {self.name!r}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum: must be in [0, 1), got {self.momentum}")
+        if self.nesterov and self.momentum <= 0:
+            raise ValueError("nesterov: needs momentum > 0")
         if self.base_lr <= 0:
             raise ValueError(f"base_lr: must be > 0, got {self.base_lr}")
         if self.lr is not None and self.lr <= 0:
@@ -142,7 +157,7 @@ def param_groups(
     no_decay_names: Iterable[str] = DEFAULT_NO_DECAY_NAMES,
     extra_no_decay: Iterable[str] = (),
 ) -> list[dict]:
-    """AdamW parameter groups; each has ``params``, ``weight_decay``, ``lr_scale`` and ``group_name``.
+    """Parameter groups (any optimizer); each has ``params``, ``weight_decay``, ``lr_scale``, ``group_name``.
 
     Frozen parameters (``requires_grad=False``) are left out. ``no_decay_names`` match leaf names
     (the last dotted component); ``extra_no_decay`` are globs matched against full names.
@@ -185,16 +200,26 @@ def set_weight_decay(optimizer: torch.optim.Optimizer, value: float) -> None:
             g["weight_decay"] = value
 
 
-def build_optimizer(cfg: OptimConfig, groups: list[dict], lr: float) -> torch.optim.AdamW:
-    """AdamW over ``groups``; each group's starting lr is ``lr * lr_scale``.
+def build_optimizer(cfg: OptimConfig, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    """``cfg.name`` (AdamW or SGD) over ``groups``; each group's starting lr is ``lr * lr_scale``.
 
     The scheduler (``schedules.build_lr_scheduler``) multiplies these per-group lrs, so the
-    layer-decay scale survives every schedule step and a checkpoint round trip.
+    layer-decay scale survives every schedule step and a checkpoint round trip. Each group
+    carries its own weight decay (0 for the no-decay groups), so the constructor's default
+    is never used for a grouped parameter.
     """
     prepared = [{**g, "lr": lr * g.get("lr_scale", 1.0)} for g in groups]
     # foreach=None lets torch pick the multi-tensor kernel where the device supports it.
-    return torch.optim.AdamW(prepared, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay)
+    if cfg.name == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(prepared, lr=lr, momentum=cfg.momentum,
+                                                     nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(prepared, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                weight_decay=cfg.weight_decay)
+    logger.info("optimizer %s over %d parameter groups (%d tensors), lr %.3g%s", type(opt).__name__,
+                len(prepared), sum(len(g["params"]) for g in prepared), lr,
+                f", momentum {cfg.momentum}, nesterov {cfg.nesterov}" if cfg.name == "sgd" else "")
+    return opt
 
 
 register_section("optim", OptimConfig)

@@ -27,7 +27,7 @@ from dist_ssl.engine.schedules import cosine
 from dist_ssl.engine.setup import RunParts, build_run, run_name
 from dist_ssl.parallel.accelerator import describe
 from dist_ssl.atomic import atomic_write_json
-from dist_ssl.models.export import export_backbone
+from dist_ssl.models.export import HEAD_FILE, export_backbone, export_head
 
 log = logging.getLogger(__name__)
 BACKBONE_FILE = "backbone.safetensors"
@@ -274,8 +274,10 @@ class Trainer:
         state = acc.get_state_dict(self.parts.method.student)
         if self.is_main:
             backbone = self.parts.method.backbone()
-            export_backbone(backbone, self.out / BACKBONE_FILE,
-                            state_dict=_backbone_state(state, self.parts.method.student, backbone))
+            state = _backbone_state(state, self.parts.method.student, backbone)
+            export_backbone(backbone, self.out / BACKBONE_FILE, state_dict=state)
+            if self.parts.method.exports_head:  # the classifier, for a continuation (method.init_head)
+                export_head(backbone, self.out / HEAD_FILE, state_dict=state)
         acc.wait_for_everyone()
 
     def _evaluate(self, tag: str) -> Optional[dict]:

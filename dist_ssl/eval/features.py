@@ -71,7 +71,10 @@ def load_frozen_backbone(path: str | os.PathLike,
     size = native if img_size is None else int(img_size)
     try:
         if size == native:
-            model = timm.create_model(arch, num_classes=0, in_chans=in_chans,
+            # timm builds a fixed-size model at its arch default unless told (registered small
+            # ViTs: 28 px), and would then silently resample a 16 px export's pos_embed on load
+            fixed = timm.models.get_pretrained_cfg_value(arch, "fixed_input_size")
+            model = timm.create_model(arch, num_classes=0, in_chans=in_chans, **({"img_size": size} if fixed else {}),
                                       **timm_pretrained_kwargs(path))
         else:
             model = create_backbone(ModelConfig(name=arch, img_size=size, in_chans=in_chans))

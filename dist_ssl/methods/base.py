@@ -89,6 +89,11 @@ class Method(nn.Module):
         return None
 
     # --- what leaves the run --------------------------------------------------------------
+    # True when backbone() carries a semantic classifier head that the engine should export too
+    # (head.safetensors beside backbone.safetensors), e.g. supervised fine-tuning, so a later
+    # stage can continue with it (method.init_head).
+    exports_head: ClassVar[bool] = False
+
     def backbone(self) -> nn.Module:
         """The (unwrapped) backbone to export and evaluate."""
         raise NotImplementedError

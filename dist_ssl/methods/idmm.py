@@ -11,18 +11,22 @@ data-parallel wrapping and gradient sync (``local_modules``), so ImageNet's N = 
 
 Crops and loss, as the official code does it: the views of one crop group (the 2 global crops;
 the local crops) are concatenated into one batch [V_g * B, C, S, S]; CutMix draws once per group
-(lam ~ Beta(0.5, 0.5), one box, the partner a permutation of the group's rows on this rank); the
-loss is the sum over groups of each group's mean cross-entropy over the global batch
-(official: CE(global crops) + CE(local crops)). The student (backbone [+ head]) runs once per
-step on all groups; groups of equal size share one backbone call.
+(lam ~ Beta(0.5, 0.5) folded to max(lam, 1 - lam) as the official ``utils/mixup_utils.py:
+cutmix_data`` does (``cutmix_fold``), one box, the partner a permutation of the group's rows on
+this rank); the loss is the sum over groups of each group's mean cross-entropy over the global
+batch (official: CE(global crops) + CE(local crops)). The student (backbone [+ head]) runs once
+per step on all groups; groups of equal size share one backbone call.
 
-Table 8 switches: ``label_smoothing`` (0 = off), ``small_resolution``, ``multi_crop``, ``cutmix``.
+Table 8 switches, each one key: ``label_smoothing`` (0 = off), ``small_resolution`` (off: every
+crop AND the backbone's native size ``model.img_size`` x ``resolution_factor``, 112 -> 224, so
+no other key needs changing), ``multi_crop``, ``cutmix``.
 
 Shapes: views [B, C, S, S] per crop; x [V_g * B, C, S_g, S_g] per group; features [R, D] with
 R = sum_g V_g * B rows of this rank.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
@@ -58,10 +62,12 @@ class IDMMConfig(MethodConfig):
     policy: Literal["simclr", "dino", "supervised"] = doc("simclr", "photometric policy: colour, blur, flip")
     blur_p: Optional[float] = doc(None, "Gaussian-blur probability override (tiny images: 0); None = policy's")
     multi_crop: bool = doc(True, "Table 8 switch: local crops on; False = global crops only")
-    small_resolution: bool = doc(True, "Table 8 switch: False = every crop size x resolution_factor")
-    resolution_factor: int = doc(2, "crop size multiplier when small_resolution is off (112 -> 224)")
+    small_resolution: bool = doc(True, "Table 8 switch: False = every crop size and model.img_size x resolution_factor")
+    resolution_factor: int = doc(2, "crop and model.img_size multiplier when small_resolution is off (112 -> 224)")
     cutmix: bool = doc(True, "Table 8 switch: CutMix on instance labels")
     cutmix_alpha: float = doc(0.5, "CutMix lam ~ Beta(alpha, alpha)")
+    cutmix_fold: bool = doc(True, "lam = max(lam, 1 - lam): the patch covers at most half the image "
+                                  "(official IDMM code, utils/mixup_utils.py cutmix_data); False = plain CutMix")
     label_smoothing: float = doc(0.1, "Table 8 switch: label smoothing epsilon over the N instances (0 = off)")
     projection: bool = doc(False, "Table 9: an MLP head (Linear-ReLU-Linear, no BN) before the classifier")
     proj_hidden_dim: int = doc(2048, "hidden width of the projection head")
@@ -108,6 +114,17 @@ class IDMMConfig(MethodConfig):
         return groups
 
 
+def backbone_config(cfg: IDMMConfig, model_cfg):
+    """The ModelConfig IDMM builds its backbone from: headless (pooled [B, D]), and with
+    ``small_resolution`` off at ``resolution_factor`` x ``model.img_size`` like the crops, so
+    Table 8's switch alone moves the whole pre-training to the larger resolution (a 224 px
+    native grid, nothing to resample when fine-tuning at 224)."""
+    out = dataclasses.replace(model_cfg, num_classes=0, extra=dict(model_cfg.extra))
+    if not cfg.small_resolution and out.img_size is not None:
+        out.img_size = out.img_size * cfg.resolution_factor
+    return out
+
+
 def _check_crop_sizes(model_cfg, sizes: list[int]) -> None:
     """Fixed-size backbones (ViT, Swin) need dynamic_img_size for crops of another size."""
     arch = resolve_backbone_name(model_cfg.name)
@@ -129,8 +146,7 @@ class IDMM(Method):
         if ctx.num_samples < 2:
             raise ConfigError("data.train", f"IDMM needs at least 2 training images, the manifest has {ctx.num_samples}")
         groups = cfg.crop_groups()
-        model_cfg = ctx.model
-        model_cfg.num_classes = 0  # headless: pooled class token [B, D]
+        model_cfg = ctx.model = backbone_config(cfg, ctx.model)
         _check_crop_sizes(model_cfg, [g.size for g in groups])
         backbone = create_backbone(model_cfg)
         dim = feature_dim(backbone)
@@ -146,9 +162,11 @@ class IDMM(Method):
         self.groups = groups
         self._ids_checked = False
         self._micro = (-1, 0)  # (step, micro-batches seen in it): CutMix draws per micro-batch
-        log.info("IDMM: %d instances, D=%d, crops %s; rank %d holds classes [%d, %d)", ctx.num_samples, dim,
-                 [(g.count, g.size) for g in groups], ctx.rank, self.classifier.shard_start,
-                 self.classifier.shard_start + self.classifier.n_local)
+        log.info("IDMM: %d instances, D=%d, crops %s at model.img_size %s%s, CutMix %s; rank %d holds "
+                 "classes [%d, %d)", ctx.num_samples, dim, [(g.count, g.size) for g in groups],
+                 model_cfg.img_size, "" if cfg.small_resolution else f" (small_resolution off: x{cfg.resolution_factor})",
+                 ("off" if not cfg.cutmix else f"alpha {cfg.cutmix_alpha}" + (", folded" if cfg.cutmix_fold else "")),
+                 ctx.rank, self.classifier.shard_start, self.classifier.shard_start + self.classifier.n_local)
 
     # ------------------------------------------------------------------ data
     def train_views(self) -> ViewSpec:
@@ -174,7 +192,8 @@ class IDMM(Method):
             x = torch.cat(views[i:i + group.count]) if group.count > 1 else views[i]
             ids = index.to(x.device).repeat(group.count)
             alpha = self.cfg.cutmix_alpha if self.cfg.cutmix else 0.0
-            out.append(cutmix_instances(x, ids, alpha, mix_rng(self.seed, rank, step, micro, g)))
+            out.append(cutmix_instances(x, ids, alpha, mix_rng(self.seed, rank, step, micro, g),
+                                        fold=self.cfg.cutmix_fold))
             i += group.count
         return out
 
@@ -218,7 +237,7 @@ class IDMM(Method):
     reshardable_local_state = True
 
     def reshard_local_state(self, name: str, states: list[dict]) -> dict:
-        """See Method.reshard_local_state: the classifier rows and their AdamW moments move to
+        """See Method.reshard_local_state: the classifier rows and their optimizer rows move to
         the new class ranges; the scheduler is the same on every rank."""
         if name == "local_modules":
             old = [s["classifier"] for s in states]
@@ -231,7 +250,8 @@ class IDMM(Method):
         raise KeyError(f"IDMM cannot re-shard {name!r}")
 
     def _reshard_optimizer(self, states: list[dict]) -> dict:
-        """Every local parameter is a classifier row shard, so is every non-scalar AdamW state."""
+        """Every local parameter is a classifier row shard, so is every non-scalar optimizer state
+        (AdamW exp_avg / exp_avg_sq, SGD momentum_buffer)."""
         n = self.classifier.num_classes
         starts, sizes = zip(*(shard_range(n, r, len(states)) for r in range(len(states))))
         start, n_local = self.classifier.shard_start, self.classifier.n_local

@@ -5,11 +5,14 @@ Two augmented views per image go through one encoder (backbone + MLP projection 
 ``student``) and NT-Xent pulls the two projections of an image together against every other
 projection of the GLOBAL batch (gathered across ranks with gradient: losses/info_nce.py).
 
-Shapes: views 2 x [B, C, H, W]; z [2B, P] -> z1, z2 [B, P] (P = ``proj_dim``).
+Shapes: views 2 x [B, C, H, W]; z [2B, P] -> z1, z2 [B, P] (P = ``proj_dim``, or the
+backbone's D without projection).
 
 The projection head defaults to SimCLR's Linear-BN-ReLU-Linear. In multi-process runs its
 BatchNorm normalises over the global batch (GlobalBatchNorm, as SimCLR's global BN across TPU
 cores; tested equal to one process on the whole batch), unless ``parallel.global_batchnorm=false``.
+``projection=false`` drops the head (an identity): NT-Xent then acts on the backbone's pooled
+features, P = D, the IDMM paper's Table 9 row "SimCLR without proj. MLP".
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ __all__ = ["SimCLR", "SimCLRConfig"]
 class SimCLRConfig(MethodConfig):
     name: str = doc("simclr", "training method")
     temperature: float = doc(0.1, "NT-Xent temperature (IDMM Table 10: 0.1)")
+    projection: bool = doc(True, "a projection MLP on the backbone; False = NT-Xent on the backbone features "
+                                 "(IDMM Table 9)")
     proj_hidden_dim: int = doc(2048, "hidden width of the projection MLP")
     proj_dim: int = doc(128, "output dimension P of the projection MLP")
     proj_layers: int = doc(2, "linear layers in the projection MLP (SimCLR v1: 2)")
@@ -51,10 +56,12 @@ class SimCLRConfig(MethodConfig):
 
 
 def two_view_encoder(ctx: MethodContext, cfg: SimCLRConfig) -> MultiCropWrapper:
-    """backbone + projection MLP, the student of SimCLR and SupCon."""
+    """backbone + projection MLP (or no head: ``projection=false``), the student of SimCLR and SupCon."""
     backbone = build_ssl_backbone(ctx)
-    head = ProjectionMLP(feature_dim(backbone), cfg.proj_hidden_dim, cfg.proj_dim,
-                         num_layers=cfg.proj_layers, norm=cfg.head_norm)
+    head: nn.Module = nn.Identity()
+    if cfg.projection:
+        head = ProjectionMLP(feature_dim(backbone), cfg.proj_hidden_dim, cfg.proj_dim,
+                             num_layers=cfg.proj_layers, norm=cfg.head_norm)
     return MultiCropWrapper(backbone, head)
 
 

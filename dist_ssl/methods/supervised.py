@@ -1,8 +1,13 @@
 """Supervised training and fine-tuning with the DeiT recipe (Touvron et al., 2021).
 
 From scratch, or initialised from a pre-trained backbone (``init_from``: an exported
-``backbone.safetensors`` or a run directory holding one): the head is re-initialised and the
-absolute position embedding resampled when the resolution changes (112 -> 224 -> 448).
+``backbone.safetensors`` or a run directory holding one): the absolute position embedding is
+resampled when the resolution changes (112 -> 224 -> 448) and the head is re-initialised,
+unless ``init_head``: then the classifier the earlier run exported (``head.safetensors``, its
+class count equal to this run's) is loaded too. That is the continuation of the IDMM paper's
+Table 3 (224 px fine-tune, then 100 epochs at 448 px), where the official code loads every
+shape-matching key of the 224 px checkpoint, the classifier included. The run exports its own
+head (``exports_head``) so that it can be continued.
 Mixup / CutMix / label smoothing use timm's ``Mixup`` + ``SoftTargetCrossEntropy``,
 RandAugment timm's ``rand_augment_transform`` (a PIL hook of the view spec), random erasing
 timm's ``RandomErasing`` on the normalised batch, drop path the backbone's own.
@@ -16,6 +21,7 @@ Shapes: x [B, C, H, W]; logits [B, K] (K = semantic classes of the training mani
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -27,6 +33,7 @@ from timm.data.random_erasing import RandomErasing
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
+from dist_ssl.config.errors import ConfigError
 from dist_ssl.config.schema import doc
 from dist_ssl.data.masking import batch_generator
 from dist_ssl.data.views import CropGroup, ViewSpec
@@ -34,11 +41,12 @@ from dist_ssl.heads.drloc import DRLocStudent
 from dist_ssl.losses.drloc import drloc_loss
 from dist_ssl.methods.base import Method, MethodConfig, MethodContext
 from dist_ssl.methods.registry import register_method
-from dist_ssl.models.export import load_backbone_file
+from dist_ssl.models.export import HEAD_FILE, load_backbone_file, load_head_file, read_export_metadata
 from dist_ssl.models.factory import create_backbone
-from dist_ssl.models.pos_embed import load_backbone_state
+from dist_ssl.models.pos_embed import LoadReport, load_backbone_state
 
 BACKBONE_FILE = "backbone.safetensors"  # what the engine exports into every run directory
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,6 +63,8 @@ class SupervisedConfig(MethodConfig):
     mix_switch_prob: float = doc(0.5, "probability of CutMix instead of mixup when both are on")
     label_smoothing: float = doc(0.0, "label smoothing epsilon (DeiT: 0.1)")
     init_from: Optional[str] = doc(None, "backbone.safetensors (or a run dir with one) to fine-tune from")
+    init_head: bool = doc(False, "with init_from: also load the classifier from the head.safetensors beside it "
+                                 "(same class count; a 448 px continuation of a 224 px fine-tune); False = new head")
     drloc: bool = doc(False, "add the DRLoc auxiliary loss (Liu et al. 2021)")
     drloc_lambda: float = doc(0.1, "DRLoc loss weight (paper: 0.1 T2T/CvT-like, 0.5 Swin)")
     drloc_pairs: int = doc(64, "DRLoc position pairs sampled per image")
@@ -85,9 +95,40 @@ def resolve_init_path(init_from: str) -> Path:
     return path
 
 
+def _saved_head(backbone_path: Path, num_classes: int) -> dict[str, torch.Tensor]:
+    """The head.safetensors beside ``backbone_path``, checked against this run's class count."""
+    path = backbone_path.with_name(HEAD_FILE)
+    if not path.is_file():
+        raise ConfigError("method.init_head", f"no {HEAD_FILE} beside {backbone_path} (only supervised runs "
+                          "export their classifier; a pre-trained backbone has none): set method.init_head=false "
+                          "for a new head")
+    saved = int(read_export_metadata(path).get("num_classes", 0))
+    if saved != num_classes:
+        raise ConfigError("method.init_head", f"{path} is a {saved}-class head but data.train has {num_classes} "
+                          f"classes: set method.init_head=false for a new head")
+    return load_head_file(path)
+
+
+def init_from_export(net: nn.Module, path: Path, keep_head: bool, num_classes: int) -> LoadReport:
+    """Load an export into ``net`` (pos_embed resampled), with its saved head when ``keep_head``."""
+    state = load_backbone_file(path)
+    if keep_head:
+        state.update(_saved_head(path, num_classes))
+    report = load_backbone_state(net, state, keep_head=keep_head)
+    if keep_head and (report.head_dropped or not report.head_loaded):
+        raise ConfigError("method.init_head", f"the head beside {path} does not fit {type(net).__name__}'s "
+                          f"classifier ({report.head_dropped or 'no head keys'}): set method.init_head=false")
+    log.info("init_from %s: %d backbone tensors%s; classifier %s", path,
+             len(state) - len(report.head_loaded) - len(report.head_dropped),
+             f", {list(report.resampled)} resampled" if report.resampled else "",
+             f"loaded from {HEAD_FILE} ({num_classes} classes)" if report.head_loaded else "re-initialised")
+    return report
+
+
 @register_method("supervised")
 class Supervised(Method):
     config_class = SupervisedConfig
+    exports_head = True  # head.safetensors, so the next stage can continue with the classifier
 
     def __init__(self, cfg: SupervisedConfig, ctx: MethodContext):
         super().__init__(cfg, ctx)
@@ -95,8 +136,8 @@ class Supervised(Method):
         model_cfg.num_classes = ctx.num_classes
         net = create_backbone(model_cfg)
         if cfg.init_from:
-            state = load_backbone_file(resolve_init_path(cfg.init_from))
-            self.init_report = load_backbone_state(net, state)
+            self.init_report = init_from_export(net, resolve_init_path(cfg.init_from), cfg.init_head,
+                                                ctx.num_classes)
         self.student = DRLocStudent(net, cfg.drloc_grid) if cfg.drloc else net
         self.seed = int(ctx.seed)
         self.crop_size = cfg.crop_size or model_cfg.img_size or 224

@@ -1,9 +1,12 @@
 """Backbones: timm factory (+ small-image ViTs registered with timm), pos-embed resampling,
-backbone-only safetensors export. Importing this package registers the small variants."""
+backbone-only safetensors export (+ the classifier head on its own). Importing this package registers the small variants."""
 from .export import (
+    HEAD_FILE,
     export_backbone,
+    export_head,
     export_state_dict,
     load_backbone_file,
+    load_head_file,
     read_export_metadata,
     strip_wrapper_prefixes,
     timm_pretrained_kwargs,
@@ -25,6 +28,7 @@ from .small_vit import SMALL_VIT_ARGS, small_vit_names
 
 __all__ = [
     "BACKBONE_ALIASES",
+    "HEAD_FILE",
     "LoadReport",
     "ModelConfig",
     "SMALL_VIT_ARGS",
@@ -33,11 +37,13 @@ __all__ = [
     "classifier_names",
     "create_backbone",
     "export_backbone",
+    "export_head",
     "export_state_dict",
     "feature_dim",
     "forward_tokens",
     "load_backbone_file",
     "load_backbone_state",
+    "load_head_file",
     "read_export_metadata",
     "resample_pos_embed",
     "small_vit_names",

@@ -11,6 +11,15 @@ overlay needs more than ``file``: timm loads strictly when the model's num_class
 cfg's (1000 for ImageNet names), so a headless file then fails on missing ``head.*``; and it
 checks the first conv against ``input_size[0]``, so a 1-channel export needs ``input_size``.
 Safetensors holds tensors only (no pickle), so loading a file runs no code.
+
+A run with a semantic classifier (supervised training / fine-tuning) also writes its head on
+its own, ``head.safetensors`` (:func:`export_head`: e.g. ``head.weight`` [K, D], ``head.bias``
+[K], metadata ``num_classes`` = K), so the backbone export stays backbone-only for every
+consumer while a continuation (the 448 px stage after 224 px, ``method.init_head``) can load
+the classifier too, as the official IDMM code does. The full classifier in timm::
+
+    model = timm.create_model(name, num_classes=K, **timm_pretrained_kwargs(backbone_path))
+    model.load_state_dict(load_head_file(head_path), strict=False)
 """
 from __future__ import annotations
 
@@ -29,9 +38,12 @@ from dist_ssl.atomic import atomic_save_safetensors
 from .factory import classifier_names
 
 __all__ = [
+    "HEAD_FILE",
     "export_backbone",
+    "export_head",
     "export_state_dict",
     "load_backbone_file",
+    "load_head_file",
     "read_export_metadata",
     "strip_wrapper_prefixes",
     "timm_pretrained_kwargs",
@@ -39,6 +51,7 @@ __all__ = [
 ]
 
 PathLike = Union[str, os.PathLike]
+HEAD_FILE = "head.safetensors"  # the classifier head, written beside backbone.safetensors
 
 # DDP/DeepSpeed add "module." in front; torch.compile adds "_orig_mod." (also inside compiled
 # submodules); FSDP1 and activation checkpointing insert their wrapper names at any depth.
@@ -141,6 +154,31 @@ def export_backbone(model: nn.Module, path: PathLike, *, keep_head: bool = False
         model.state_dict() if state_dict is None else state_dict, path,
         drop_prefixes=() if keep_head else heads, metadata=backbone_metadata(model, keep_head=keep_head),
     )
+
+
+def export_head(model: nn.Module, path: PathLike, *,
+                state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
+    """Save only the classifier head of a (possibly wrapped) timm model to ``path``.
+
+    Keys as the bare model names them (``head.weight``, ``head.bias``; ``fc.*`` for ResNets);
+    metadata as :func:`export_backbone` with ``num_classes`` = the head's K. ``state_dict``: an
+    already gathered full state dict, as for :func:`export_backbone`. A headless model raises.
+    """
+    heads = classifier_names(unwrap_model(model))
+    clean = strip_wrapper_prefixes(model.state_dict() if state_dict is None else state_dict)
+    kept = {k: v for k, v in clean.items() if _under(k, heads)}
+    meta = backbone_metadata(model, keep_head=True)
+    if not kept or meta["num_classes"] == "0":
+        raise ValueError(f"export_head: {type(unwrap_model(model)).__name__} has no classifier head "
+                         f"(looked for {list(heads)})")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_save_safetensors(path, _to_plain_cpu(kept), {"format": "pt", **meta})
+
+
+def load_head_file(path: PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a :func:`export_head` file, on CPU (no pickle)."""
+    return load_file(str(path), device="cpu")
 
 
 def load_backbone_file(path: PathLike) -> dict[str, torch.Tensor]:

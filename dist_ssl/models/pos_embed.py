@@ -67,6 +67,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)  # model keys the checkpoint lacked
     unexpected: list[str] = field(default_factory=list)  # checkpoint keys the model lacks
     head_dropped: list[str] = field(default_factory=list)  # checkpoint classifier keys ignored
+    head_loaded: list[str] = field(default_factory=list)  # checkpoint classifier keys loaded (keep_head)
     head_reinitialized: list[str] = field(default_factory=list)  # model head modules reset
     resampled: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
 
@@ -95,6 +96,7 @@ def load_backbone_state(
         if not keep_head or key not in target or sd[key].shape != target[key].shape:
             report.head_dropped.append(key)
             del sd[key]
+    report.head_loaded = [k for k in sd if _under(k, heads)]
     _resample_into(model, sd, target, report)
     mismatched = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
@@ -114,8 +116,9 @@ def load_backbone_state(
     if head_missing or not keep_head:
         report.head_reinitialized = _reset_heads(model, heads)
     logger.info(
-        "loaded backbone: %d tensors, resampled %s, head dropped %s",
-        len(sd), list(report.resampled), report.head_dropped,
+        "loaded backbone: %d tensors, resampled %s, head %s",
+        len(sd), list(report.resampled),
+        f"kept {report.head_loaded}" if report.head_loaded else f"re-initialised (dropped {report.head_dropped})",
     )
     return report
 

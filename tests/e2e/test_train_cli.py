@@ -55,6 +55,9 @@ def test_backbone_export_loads_in_timm(baseline_run):
     from safetensors.torch import load_file
     assert torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"],
                        load_file(path)["blocks.0.attn.qkv.weight"])
+    # a supervised run also writes its classifier beside it, for a continuation (method.init_head)
+    head = load_file(baseline_run / "head.safetensors")
+    assert head["head.weight"].shape == (10, 96) and "head.weight" not in load_file(path)
 
 
 def _wait_for_rows(out, n, proc, timeout=240):
@@ -150,9 +153,10 @@ def test_finetune_from_backbone_at_new_resolution(tmp_path, baseline_run, fmnist
                                                   fmnist_test_shards_small):
     out = tmp_path / "ft"
     proc = run_train(out, fmnist2k_shards, fmnist_test_shards_small, "train.steps=2",
-                     f"method.init_from={baseline_run}", "model.img_size=56")
+                     f"method.init_from={baseline_run}", "model.img_size=56", "method.init_head=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resampled ['pos_embed']" in proc.stderr
+    assert "classifier loaded from head.safetensors (10 classes)" in proc.stderr  # the 448-style continuation
     from safetensors.torch import load_file
     assert load_file(out / "backbone.safetensors")["pos_embed"].shape == (1, 1 + 14 * 14, 96)
     assert json.loads((out / "eval.json").read_text())["num_samples"] == 500

@@ -167,3 +167,32 @@ def test_every_method_has_paper_recipes():
     assert dino.method.out_dim == 256 and dino.optim.clip_grad == 3.0 and dino.model.drop_path == 0.1
     v2 = load_config(REPO / "recipes" / "baselines" / "mocov2_deit_tiny_112.yaml")
     assert v2.method.queue_size == 2048 and v2.method.temperature == 0.2
+
+
+# ----------------------------------------------------------------------------- Table 9: no head
+def _plain_nt_xent(z1: torch.Tensor, z2: torch.Tensor, t: float) -> torch.Tensor:
+    """NT-Xent written out in float64: 2B anchors, positive = the other view, self excluded."""
+    z = F.normalize(torch.cat([z1, z2]).double(), dim=1)
+    n = z1.shape[0]
+    sim = z @ z.T / t
+    sim.fill_diagonal_(float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+    return F.cross_entropy(sim, target)
+
+
+@pytest.mark.parametrize("name", ["simclr", "supcon"])
+def test_without_projection_the_loss_acts_on_backbone_features(name):
+    """IDMM Table 9's 'SimCLR without proj. MLP': an identity head, the loss on the pooled features."""
+    method = make(name, projection=False)
+    assert isinstance(method.student.head, torch.nn.Identity)
+    assert not any(n.startswith("head.") for n, _ in method.student.named_parameters())
+    batch = make_batch(method)
+    out = method(batch, step=0)
+    method.eval()  # the same backbone features without drop path, for the reference below
+    z1, z2 = (method.backbone()(v) for v in batch["views"][:2])
+    assert z1.shape == (B, 96)  # D of the backbone, no projection
+    if name == "simclr":
+        torch.testing.assert_close(method(batch, step=0)["loss"].double(), _plain_nt_xent(z1, z2, 0.1),
+                                   rtol=1e-6, atol=1e-6)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in method.student.parameters() if p.requires_grad)

@@ -69,7 +69,8 @@ def test_cutmix_draws_follow_the_key_and_beta_distribution():
     x, ids = _constant_images(8), torch.arange(8)
     a, b = cutmix_instances(x, ids, 0.5, mix_rng(1, 0, 5)), cutmix_instances(x, ids, 0.5, mix_rng(1, 0, 5))
     assert torch.equal(a.images, b.images) and torch.equal(a.perm, b.perm) and a.box == b.box
-    lams = [cutmix_instances(x, ids, 0.5, mix_rng(1, 0, s)).lam[0].item() for s in range(200)]
+    # plain (unfolded) CutMix, Yun et al. / timm
+    lams = [cutmix_instances(x, ids, 0.5, mix_rng(1, 0, s), fold=False).lam[0].item() for s in range(200)]
     raw = [mix_rng(1, 0, s).beta(0.5, 0.5) for s in range(200)]  # the first draw of each key
     assert len(set(lams)) > 20  # a new draw per step
     # Beta(0.5, 0.5) is U-shaped; the box is clipped at the border, so the kept area >= raw lam
@@ -78,6 +79,55 @@ def test_cutmix_draws_follow_the_key_and_beta_distribution():
     assert sum(v < 0.5 for v in lams) > 10
     plain = cutmix_instances(x, ids, 0.0, mix_rng(0))
     assert torch.equal(plain.images, x) and torch.all(plain.lam == 1) and torch.equal(plain.target_b, ids)
+
+
+def official_cutmix_data(x: np.ndarray, y: np.ndarray, alpha: float, rng: np.random.Generator):
+    """The official IDMM code's ``utils/mixup_utils.py`` ``cutmix_data`` + ``rand_bbox``, line by
+    line in numpy, with ``np.random.*`` / ``torch.randperm`` replaced by draws from ``rng`` in the
+    same order. Returns (mixed, y_a, y_b, area-corrected lam, lam before the correction)."""
+    lam = rng.beta(alpha, alpha)
+    lam = max(lam, 1 - lam)
+    index = rng.permutation(x.shape[0])
+    W, H = x.shape[2], x.shape[3]  # rand_bbox(size, lam): "W" is size[2], as in the official code
+    cut_rat = np.sqrt(1.0 - lam)
+    cut_w, cut_h = int(W * cut_rat), int(H * cut_rat)
+    cx, cy = rng.integers(W), rng.integers(H)
+    bbx1, bby1 = np.clip(cx - cut_w // 2, 0, W), np.clip(cy - cut_h // 2, 0, H)
+    bbx2, bby2 = np.clip(cx + cut_w // 2, 0, W), np.clip(cy + cut_h // 2, 0, H)
+    mixed = x.copy()
+    mixed[:, :, bbx1:bbx2, bby1:bby2] = x[index, :, bbx1:bbx2, bby1:bby2]
+    kept = 1 - ((bbx2 - bbx1) * (bby2 - bby1) / (x.shape[-1] * x.shape[-2]))
+    return mixed, y, y[index], kept, lam
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_folded_cutmix_equals_the_official_function_on_the_same_generator(seed):
+    # non-square images, so a swapped row/column draw or box side would show
+    x = torch.randn(7, 2, 12, 9, generator=torch.Generator().manual_seed(seed))
+    ids = torch.arange(50, 57)
+    ours = cutmix_instances(x, ids, 0.5, mix_rng(4, 1, seed), fold=True)
+    mixed, y_a, y_b, kept, lam_pre = official_cutmix_data(x.numpy(), ids.numpy(), 0.5, mix_rng(4, 1, seed))
+    assert lam_pre >= 0.5  # folded before the box is cut
+    assert np.array_equal(ours.images.numpy(), mixed)
+    assert np.array_equal(ours.target_a.numpy(), y_a) and np.array_equal(ours.target_b.numpy(), y_b)
+    assert ours.lam.tolist() == [pytest.approx(kept, abs=1e-7)] * 7
+    assert ours.lam[0].item() >= 0.5  # the pasted patch never covers more than half the image
+
+
+def test_fold_is_the_idmm_default_and_keeps_the_draw_keys():
+    x, ids = _constant_images(8, 16, 16), torch.arange(8)
+    folded = [cutmix_instances(x, ids, 0.5, mix_rng(2, 0, s), fold=True) for s in range(200)]
+    plain = [cutmix_instances(x, ids, 0.5, mix_rng(2, 0, s), fold=False) for s in range(200)]
+    assert min(f.lam[0].item() for f in folded) >= 0.5
+    assert sum(p.lam[0].item() < 0.5 for p in plain) > 20
+    # the fold consumes no draw: same partners for the same key (resume stays exact)
+    assert all(torch.equal(f.perm, p.perm) for f, p in zip(folded, plain))
+    assert IDMMConfig().cutmix_fold is True
+    m, unfolded = make_idmm(), make_idmm(cutmix_fold=False)
+    batch = make_batch(m)
+    lam = [g.lam[0].item() for step in range(30) for g in m.mix(batch["views"], batch["index"], step)]
+    lam_plain = [g.lam[0].item() for step in range(30) for g in unfolded.mix(batch["views"], batch["index"], step)]
+    assert min(lam) >= 0.5 and min(lam_plain) < 0.5
 
 
 def test_idmm_mixes_each_crop_group_separately():
@@ -121,6 +171,31 @@ def test_views_and_ablation_switches():
     no_mix = make_idmm(cutmix=False, label_smoothing=0.0)
     groups = no_mix.mix(make_batch(no_mix)["views"], make_batch(no_mix)["index"], 0)
     assert all(torch.all(g.lam == 1) for g in groups)
+
+
+def test_small_resolution_off_alone_doubles_crops_and_backbone():
+    """Table 8's 'small res.' switch is one key: with a fixed-size ViT (no dynamic_img_size) at
+    model.img_size=16, small_resolution=false alone gives 32 px crops and a 32 px backbone, the
+    same as setting crops and model.img_size to 32 by hand."""
+    base = dict(global_size=16, local_size=16, local_crops=2, seed=3)
+    torch.manual_seed(0)
+    small = build_method(IDMMConfig(**base), make_ctx(dynamic=False))
+    torch.manual_seed(0)
+    large = build_method(IDMMConfig(**base, small_resolution=False), make_ctx(dynamic=False))
+    torch.manual_seed(0)
+    by_hand = build_method(IDMMConfig(**{**base, "global_size": 32, "local_size": 32}),
+                           MethodContext(model=ModelConfig(name="vit_pico_patch4_28", img_size=32, in_chans=1),
+                                                         num_samples=N, num_classes=10, in_chans=1))
+    assert [(g.count, g.size) for g in small.train_views().groups] == [(2, 16), (2, 16)]
+    assert [(g.count, g.size) for g in large.train_views().groups] == [(2, 32), (2, 32)]
+    assert small.backbone().patch_embed.img_size == (16, 16)
+    assert large.backbone().patch_embed.img_size == (32, 32) and large.ctx.model.img_size == 32
+    ref = by_hand.backbone().state_dict()
+    assert {k: v.shape for k, v in large.backbone().state_dict().items()} == {k: v.shape for k, v in ref.items()}
+    out = large(make_batch(large), step=0)  # the fixed-size backbone accepts the 32 px crops
+    assert math.isfinite(out["loss"].item())
+    with pytest.raises(AssertionError):  # ... which the 16 px one refuses: the native size moved
+        small.student([torch.zeros(2, 1, 32, 32)])
 
 
 @pytest.mark.parametrize("projection", [False, True])

@@ -135,3 +135,17 @@ def test_export_loads_into_higher_resolution_model(tmp_path):
     report = load_backbone_state(target, load_backbone_file(path))
     assert report.resampled["pos_embed"] == ((1, 50, 96), (1, 197, 96))
     assert report.missing == [] and report.head_reinitialized == ["head"]
+
+
+def test_export_head_alone_from_a_wrapped_model(tmp_path):
+    from dist_ssl.models import export_head, load_head_file
+
+    model = create_backbone(ModelConfig(name="resnet18", num_classes=7))  # head named fc, not head
+    path = export_head(Wrapper(model), tmp_path / "head.safetensors")
+    head = load_head_file(path)
+    assert sorted(head) == ["fc.bias", "fc.weight"] and torch.equal(head["fc.weight"], model.fc.weight)
+    meta = read_export_metadata(path)
+    assert (meta["architecture"], meta["num_classes"], meta["num_features"]) == ("resnet18", "7", "512")
+    with pytest.raises(ValueError, match="has no classifier head"):
+        export_head(create_backbone(ModelConfig(name="vit_pico")), tmp_path / "none.safetensors")
+    assert not (tmp_path / "none.safetensors").exists()
