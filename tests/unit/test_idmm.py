@@ -340,3 +340,24 @@ def test_registered_and_buildable_from_a_recipe_dict():
                              "method.local_crops=6", "method.cutmix_alpha=1.0"])
     assert cfg.method.local_crops == 6 and cfg.method.label_smoothing == 0.1
     assert np.isclose(cfg.method.cutmix_alpha, 1.0)
+
+
+def test_classifier_lr_scale_reaches_the_rank_local_optimizer_only(fmnist2k_shards, tmp_path):
+    """method.classifier_lr_scale multiplies the lr of W's optimizer groups (and their schedule),
+    never the backbone's."""
+    from dist_ssl.config import load_config
+    from dist_ssl.engine.setup import build_run
+
+    def lrs(scale):
+        cfg = load_config("recipes/idmm_fmnist2k.yaml",
+                          [f"output_dir={tmp_path}/s{scale}", f"data.train={fmnist2k_shards}", "train.steps=4",
+                           "data.num_workers=0", f"method.classifier_lr_scale={scale}"])
+        parts = build_run(cfg)
+        return ([g["lr"] for g in parts.optimizer.param_groups],
+                [g["lr"] for g in parts.local_optimizer.param_groups], parts.lr)
+
+    dp1, local1, lr = lrs(1.0)
+    dp7, local7, _ = lrs(7.0)
+    assert dp7 == dp1
+    assert local7 == pytest.approx([7.0 * v for v in local1])
+    assert max(local1) == pytest.approx(max(dp1))  # scale 1: the run's lr (warmup start included)
