@@ -351,13 +351,14 @@ def test_classifier_lr_scale_reaches_the_rank_local_optimizer_only(fmnist2k_shar
     def lrs(scale):
         cfg = load_config("recipes/idmm_fmnist2k.yaml",
                           [f"output_dir={tmp_path}/s{scale}", f"data.train={fmnist2k_shards}", "train.steps=4",
-                           "data.num_workers=0", f"method.classifier_lr_scale={scale}"])
+                           "data.num_workers=0", "optim.warmup_epochs=null",
+                           f"method.classifier_lr_scale={scale}"])
         parts = build_run(cfg)
         return ([g["lr"] for g in parts.optimizer.param_groups],
                 [g["lr"] for g in parts.local_optimizer.param_groups], parts.lr)
 
     dp1, local1, lr = lrs(1.0)
     dp7, local7, _ = lrs(7.0)
-    assert dp7 == dp1
-    assert local7 == pytest.approx([7.0 * v for v in local1])
-    assert max(local1) == pytest.approx(max(dp1))  # scale 1: the run's lr (warmup start included)
+    assert lr > 0 and dp7 == dp1 == pytest.approx([lr] * len(dp1))  # no warmup: step 0 at the run's lr
+    assert local1 == pytest.approx([lr] * len(local1))
+    assert local7 == pytest.approx([7.0 * lr] * len(local7))
