@@ -22,6 +22,7 @@ from typing import Callable, Iterator, Optional
 
 from PIL import Image
 
+from dist_ssl.data.canonical_image import canonical_image
 from dist_ssl.data.images import IMAGE_EXTS
 from dist_ssl.data.sample_checks import DUPLICATE, member_key
 
@@ -106,7 +107,7 @@ def read_range(path: Path, start: int, count: int, wanted: Callable[[int], bool]
 
 
 def decode_sample(sample: Optional[dict]) -> tuple[Image.Image, int, int]:
-    """(PIL image fully loaded, class id, instance id) or :class:`SampleError`."""
+    """(PIL image fully loaded, upright and 8-bit, class id, instance id) or :class:`SampleError`."""
     if sample is None:
         raise SampleError("unreadable sample")
     key = sample.get("__key__", "?")
@@ -118,6 +119,7 @@ def decode_sample(sample: Optional[dict]) -> tuple[Image.Image, int, int]:
         idx = int(sample["idx"])
         img = Image.open(io.BytesIO(sample[ext]))
         img.load()
+        img = canonical_image(img)  # EXIF orientation, 16-bit / float -> 8 bit
     except KeyError as e:
         raise SampleError(f"sample {key}: missing member {e}") from None
     except Exception as e:  # noqa: BLE001 - any decoder failure makes the sample corrupt
