@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dist_ssl.data.augment import make_views, normalize, stack_views, view_rng
 from dist_ssl.data.decode import SKIPPED, SampleError, decode_sample, read_range
+from dist_ssl.data.errors import StreamError
 from dist_ssl.data.manifest import load_manifest
 from dist_ssl.data.sample_checks import EXPECTED_ID, check_sample
 from dist_ssl.data.stream_plan import (
@@ -175,8 +176,9 @@ class ShardStream(IterableDataset):
             if not good:
                 fill = self._lookahead(pending, samples) or last_good
                 if fill is None:
-                    raise RuntimeError(f"rank {self.rank}: no decodable sample in a whole "
-                                       f"stream of {self.shard_dir} (epoch {self.epoch})")
+                    raise StreamError(f"rank {self.rank}: no decodable sample in a whole stream "
+                                      f"of {self.shard_dir} (epoch {self.epoch}); run "
+                                      f"make_shards verify on it")
                 decoded = [None] * len(chunk)
                 chunk = [fill] * len(chunk)
                 good = []

@@ -158,3 +158,17 @@ def test_misplaced_ids_are_skipped_and_named_by_verify(shards, tmp_path):
     assert set(ids) == set(range(N)) - {1, 2}
     with pytest.raises(ShardError, match="sample 1 has idx 2, the layout needs 1"):
         verify_dataset(swapped)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_no_decodable_sample_is_one_line_data_error(shards, tmp_path, workers):
+    from dist_ssl.data.errors import DataError
+
+    def garble(shard, members):
+        return [(n, b"not an image" if n.endswith(".png") else d) for n, d in members]
+    bad = edited(shards, tmp_path / "garbled", garble)
+    loader = build_train_loader(bad, SPEC, 8, num_workers=workers, seed=0)
+    with pytest.raises(DataError) as err:
+        list(loader)  # through a real worker process: torch re-raises what it caught there
+    assert "\n" not in str(err.value)
+    assert str(err.value).startswith("rank 0: no decodable sample in a whole stream of ")
