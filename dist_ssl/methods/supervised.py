@@ -27,6 +27,7 @@ from timm.data.random_erasing import RandomErasing
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
+from dist_ssl.config.errors import ConfigError
 from dist_ssl.config.schema import doc
 from dist_ssl.data.masking import batch_generator
 from dist_ssl.data.views import CropGroup, ViewSpec
@@ -45,7 +46,7 @@ BACKBONE_FILE = "backbone.safetensors"  # what the engine exports into every run
 class SupervisedConfig(MethodConfig):
     name: str = doc("supervised", "training method")
     crop_size: Optional[int] = doc(None, "training crop size; None = model.img_size")
-    crop_scale: tuple[float, float] = doc((0.08, 1.0), "RandomResizedCrop area range")
+    crop_scale: tuple[float, float] = doc((0.08, 1.0), "RandomResizedCrop area range", interval=(0.0, 1.0))
     policy: Literal["deit", "supervised"] = doc("deit", "base augmentation policy")
     randaugment: Optional[str] = doc(None, "timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1")
     random_erasing: float = doc(0.0, "random erasing probability (DeiT: 0.25)")
@@ -85,6 +86,29 @@ def resolve_init_path(init_from: str) -> Path:
     return path
 
 
+def load_init_backbone(net: nn.Module, init_from: str, model_name: str):
+    """Load ``init_from`` into ``net``; a file that is not safetensors, or whose tensors do not fit
+    the model (another channel count, width, depth), is a one-line ConfigError naming the key."""
+    path = resolve_init_path(init_from)
+    try:
+        state = load_backbone_file(path)  # safetensors: no pickle, no code run
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for bad headers
+        raise ConfigError("method.init_from", f"{path} is not a safetensors backbone file "
+                          f"({_first_line(e)}); give the backbone.safetensors a dist_ssl run "
+                          f"exported") from None
+    try:
+        return load_backbone_state(net, state)
+    except ValueError as e:
+        raise ConfigError("method.init_from", f"{path} does not fit model.name={model_name} "
+                          f"with these model settings ({_first_line(e)}); match model.in_chans / "
+                          f"model.name to the pre-training run") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:400] if lines else type(e).__name__
+
+
 @register_method("supervised")
 class Supervised(Method):
     config_class = SupervisedConfig
@@ -95,8 +119,7 @@ class Supervised(Method):
         model_cfg.num_classes = ctx.num_classes
         net = create_backbone(model_cfg)
         if cfg.init_from:
-            state = load_backbone_file(resolve_init_path(cfg.init_from))
-            self.init_report = load_backbone_state(net, state)
+            self.init_report = load_init_backbone(net, cfg.init_from, model_cfg.name)
         self.student = DRLocStudent(net, cfg.drloc_grid) if cfg.drloc else net
         self.seed = int(ctx.seed)
         self.crop_size = cfg.crop_size or model_cfg.img_size or 224
