@@ -75,7 +75,8 @@ def _gather_sizes(n: int, bad: torch.Tensor, device: torch.device, group, world:
     """(rows of every rank, ranks whose ``bad`` flag is set): one tiny all-gather and the one host sync
     that the row sizes need anyway, so the target check below rides on it for free."""
     size = torch.stack([torch.tensor(n, dtype=torch.long, device=device), bad.to(device, torch.long)])
-    parts = [p.tolist() for p in _all_gather_equal(size, group, world)]  # on the data's device (NCCL needs GPU)
+    # on the data's device (NCCL needs GPU); one .tolist() of the stacked parts = one host sync, not P
+    parts = torch.stack(_all_gather_equal(size, group, world)).tolist()
     return [int(p[0]) for p in parts], [r for r, p in enumerate(parts) if p[1]]
 
 
