@@ -13,9 +13,41 @@ from dist_ssl.config.errors import ConfigError
 BASE_KEY = "_base_"  # a recipe may name another recipe (relative path) that it extends
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping names a key twice (PyYAML would silently keep the last value)."""
+
+    def __init__(self, key: str, first_line: int, line: int):
+        self.key, self.first_line, self.line = key, first_line, line
+        super().__init__(f"duplicate key {key} on lines {first_line} and {line}")
+
+
 class RecipeLoader(yaml.SafeLoader):
     """PyYAML's safe loader, plus YAML 1.2 floats: plain PyYAML reads `5e-4` (no dot) as a
-    string, which would make `base_lr: 5e-4` a type error."""
+    string, which would make `base_lr: 5e-4` a type error; and a duplicate key is an error
+    (two `train:` blocks would otherwise silently drop the first)."""
+
+    def construct_document(self, node):
+        _check_duplicate_keys(node, "")
+        return super().construct_document(node)
+
+
+def _check_duplicate_keys(node: yaml.Node, path: str) -> None:
+    """Raise DuplicateKeyError for the first key repeated in any mapping under ``node``."""
+    if isinstance(node, yaml.SequenceNode):
+        for i, child in enumerate(node.value):
+            _check_duplicate_keys(child, f"{path}[{i}]")
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first: dict = {}
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+            continue
+        key = f"{path}.{key_node.value}" if path else key_node.value
+        line = key_node.start_mark.line + 1
+        if (key_node.tag, key_node.value) in first:
+            raise DuplicateKeyError(key, first[key_node.tag, key_node.value], line)
+        first[key_node.tag, key_node.value] = line
+        _check_duplicate_keys(value_node, key)
 
 
 RecipeLoader.add_implicit_resolver(
@@ -42,6 +74,9 @@ def _load_yaml(path: Path, seen: tuple[Path, ...]) -> dict:
         raise ConfigError("", f"recipe file not found: {path}")
     try:
         data = safe_load(path.read_text()) or {}
+    except DuplicateKeyError as exc:
+        raise ConfigError(exc.key, f"given twice in {path} (lines {exc.first_line} and {exc.line}); "
+                          f"YAML would keep only the last: merge them into one") from None
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0]
         raise ConfigError("", f"{path}: not valid YAML ({first})") from None
@@ -89,11 +124,27 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.split(".")
     if any(not p for p in parts):
         raise ConfigError(key, f"override {text!r} has an empty key part")
+    if _has_comment(raw):
+        return parts, raw.strip()  # a value is one argument: its '#' is data, not a YAML comment
     try:
         value = safe_load(raw) if raw.strip() else ""
+    except DuplicateKeyError as exc:
+        raise ConfigError(key, f"override {text!r} gives {exc.key} twice") from None
     except yaml.YAMLError:
         value = raw  # not YAML: keep the literal string
     return parts, value
+
+
+def _has_comment(raw: str) -> bool:
+    """Whether YAML would read part of ``raw`` as a comment (a '#' outside every token: at the
+    start or after a space, unquoted), which it would silently drop: `x=/runs/a #3` -> '/runs/a'."""
+    if "#" not in raw:
+        return False
+    try:
+        spans = [(t.start_mark.index, t.end_mark.index) for t in yaml.scan(raw, Loader=RecipeLoader)]
+    except yaml.YAMLError:
+        return False  # not YAML: kept literally anyway
+    return any(ch == "#" and not any(a <= i < b for a, b in spans) for i, ch in enumerate(raw))
 
 
 def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:

@@ -12,12 +12,16 @@ Convention for every config dataclass in the project::
 
 Supported field types: int, float, bool, str, Any, Optional[X], list[X], tuple[X, ...],
 tuple[X, Y], dict[str, X], Literal[...], nested dataclasses, and "variant" dataclasses (see
-registry.py) whose concrete class is chosen by their ``name`` key.
+registry.py) whose concrete class is chosen by their ``name`` key. A float is always finite
+(NaN / inf are errors). A ``(lo, hi)`` range field declares its bounds once,
+``doc((0.08, 1.0), "crop area range", interval=(0.0, 1.0))``, and is checked for every config
+(``a < lo <= hi <= b``) before its ``validate()`` runs.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal, Union
@@ -25,13 +29,18 @@ from typing import Any, Literal, Union
 from dist_ssl.config.errors import ConfigError
 
 
-def doc(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
-    """`dataclasses.field` with a one-line doc; lists/dicts become default factories."""
+def doc(default: Any = dataclasses.MISSING, help: str = "", *,
+        interval: tuple[float, float] | None = None, **kwargs: Any) -> Any:
+    """`dataclasses.field` with a one-line doc; lists/dicts become default factories.
+
+    ``interval=(a, b)``: the field is a (lo, hi) range that must satisfy a < lo <= hi <= b.
+    """
+    metadata = {"help": help} if interval is None else {"help": help, "interval": interval}
     if isinstance(default, (list, dict)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value),
-                                 metadata={"help": help}, **kwargs)
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+                                 metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
 def field_help(cls: type, name: str) -> str:
@@ -100,6 +109,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, f"expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(path, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -159,6 +170,8 @@ def validate_tree(obj: Any, path: str = "") -> None:
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             validate_tree(value, _join(path, f.name))
+        if "interval" in f.metadata and value is not None:
+            _check_interval(value, f.metadata["interval"], _join(path, f.name))
     check = getattr(obj, "validate", None)
     if check is None:
         return
@@ -170,6 +183,14 @@ def validate_tree(obj: Any, path: str = "") -> None:
         if sep and key.replace(".", "").replace("_", "").isalnum() and " " not in key:
             raise ConfigError(_join(path, key), rest) from None
         raise ConfigError(path or "<config>", msg) from None
+
+
+def _check_interval(value: Any, bounds: tuple[float, float], path: str) -> None:
+    lo, hi = value
+    if not bounds[0] < lo <= hi <= bounds[1]:
+        order = " (reversed?)" if lo > hi else ""
+        raise ConfigError(path, f"must be a range [lo, hi] with {bounds[0]:g} < lo <= hi <= "
+                                f"{bounds[1]:g}, got {list(value)}{order}")
 
 
 def to_dict(obj: Any) -> Any:

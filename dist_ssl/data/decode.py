@@ -4,8 +4,10 @@ The train/eval loader reads ``Range(shard, start, count)`` sub-ranges of shards 
 ``stream_plan``), which webdataset's shard-level pipeline cannot express, so tars are read
 here with :mod:`tarfile` on the seekable file: members before ``start`` and members of samples a
 resumed run skips are passed over by header only (``tarfile`` seeks over their data), never
-read or decoded. Members are grouped into samples by key exactly as webdataset does
-(``webdataset.tariterators.base_plus_ext``: ``000000123.png`` -> key ``000000123``, ext ``png``).
+read or decoded. Members are grouped into samples by key as webdataset does (``000000123.png``
+-> key ``000000123``, ext ``png``), but only names make_shards writes count: any other member
+(``../../evil.png``, a path, no id) is rejected and reported, never a sample of its own, so the
+positions of the samples around it stay right (``sample_checks``).
 
 Unreadable data never raises here: a sample that cannot be read (truncated tar, fewer samples
 than the manifest says, I/O error) comes out as ``None`` and the loader replaces it.
@@ -19,9 +21,10 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from PIL import Image
-from webdataset.tariterators import base_plus_ext
 
+from dist_ssl.data.canonical_image import canonical_image
 from dist_ssl.data.images import IMAGE_EXTS
+from dist_ssl.data.sample_checks import DUPLICATE, member_key
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +36,10 @@ class SampleError(ValueError):
     """A sample whose image, ``cls`` or ``idx`` is missing or does not decode."""
 
 
-def _groups(tf: tarfile.TarFile) -> Iterator[tuple[str, list[tarfile.TarInfo]]]:
-    """(key, members) per sample, in tar order; non-files and unkeyed names are ignored.
+def _groups(tf: tarfile.TarFile,
+            rejected: list[str]) -> Iterator[tuple[str, list[tuple[str, tarfile.TarInfo]]]]:
+    """(key, [(ext, member)]) per sample, in tar order; non-files are ignored and names that
+    make_shards does not write are appended to ``rejected``.
 
     Uses ``tf.next()`` and drops tarfile's member cache as it goes, so memory stays flat on
     large shards (iterating a TarFile keeps every TarInfo).
@@ -44,41 +49,53 @@ def _groups(tf: tarfile.TarFile) -> Iterator[tuple[str, list[tarfile.TarInfo]]]:
         tf.members.clear()
         if not m.isfile():
             continue
-        k, _ = base_plus_ext(m.name)
-        if k is None:
+        parts = member_key(m.name)
+        if parts is None:
+            rejected.append(m.name)
             continue
-        if k != key and members:
+        if parts[0] != key and members:
             yield key, members
             members = []
-        key = k
-        members.append(m)
+        key = parts[0]
+        members.append((parts[1], m))
     if members:
         yield key, members
 
 
-def read_range(path: Path, start: int, count: int,
-               wanted: Callable[[int], bool]) -> Iterator[Optional[dict]]:
+def read_range(path: Path, start: int, count: int, wanted: Callable[[int], bool],
+               on_reject: Callable[[str], None] = lambda name: None) -> Iterator[Optional[dict]]:
     """Yield exactly ``count`` samples of ``path`` starting at sample ``start``.
 
     Each is ``{"__key__": key, ext: bytes, ...}``; ``SKIPPED`` where ``wanted(i)`` is false for
     the i-th sample of the range (its bytes are not read); ``None`` where it cannot be read.
+    ``on_reject(name)`` is called for each rejected member (see module doc) met inside the range
+    (before one of its samples, or after its last when the range ends the shard).
     """
-    done = 0
+    done, rejected = 0, []
     try:
         with tarfile.open(path, "r:") as tf:
-            for i, (key, members) in enumerate(_groups(tf)):
+            for i, (key, members) in enumerate(_groups(tf, rejected)):
                 if i < start:
+                    rejected.clear()
                     continue
                 if done == count:
                     break
+                for name in rejected:
+                    on_reject(name)
+                rejected.clear()
                 if not wanted(done):
                     yield SKIPPED
                 else:
                     sample = {"__key__": key}
-                    for m in members:
-                        sample[base_plus_ext(m.name)[1]] = tf.extractfile(m).read()
+                    for ext, m in members:
+                        if ext in sample:
+                            sample[DUPLICATE] = ext
+                        sample[ext] = tf.extractfile(m).read()
                     yield sample
                 done += 1
+            else:
+                for name in rejected:
+                    on_reject(name)
     except (OSError, tarfile.TarError, EOFError) as e:
         log.warning("%s: unreadable after sample %d of range [%d, +%d): %s",
                     path.name, start + done, start, count, e)
@@ -90,7 +107,7 @@ def read_range(path: Path, start: int, count: int,
 
 
 def decode_sample(sample: Optional[dict]) -> tuple[Image.Image, int, int]:
-    """(PIL image fully loaded, class id, instance id) or :class:`SampleError`."""
+    """(PIL image fully loaded, upright and 8-bit, class id, instance id) or :class:`SampleError`."""
     if sample is None:
         raise SampleError("unreadable sample")
     key = sample.get("__key__", "?")
@@ -102,6 +119,7 @@ def decode_sample(sample: Optional[dict]) -> tuple[Image.Image, int, int]:
         idx = int(sample["idx"])
         img = Image.open(io.BytesIO(sample[ext]))
         img.load()
+        img = canonical_image(img)  # EXIF orientation, 16-bit / float -> 8 bit
     except KeyError as e:
         raise SampleError(f"sample {key}: missing member {e}") from None
     except Exception as e:  # noqa: BLE001 - any decoder failure makes the sample corrupt

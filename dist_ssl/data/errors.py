@@ -31,3 +31,19 @@ class ManifestError(DataError):
 
 class ShardError(DataError):
     """A shard does not match its manifest (found by ``verify``); names the shard."""
+
+
+class StreamError(DataError):
+    """A loader stream cannot make its batches (no decodable sample at all).
+
+    Raised inside DataLoader workers, which torch re-creates in the main process as
+    ``StreamError("Caught StreamError in DataLoader worker process 0.\nOriginal Traceback ...")``:
+    the constructor keeps only the original one-line message, so the CLI prints one line.
+    """
+
+    def __init__(self, message: str):
+        lines = str(message).strip().splitlines()
+        if len(lines) > 1:
+            head, sep, rest = lines[-1].partition(": ")
+            message = rest if sep and head.endswith(type(self).__name__) else lines[-1]
+        super().__init__(message)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
+from dist_ssl.data.canonical_image import UnsupportedImage, canonical_image
+
 # PIL format name -> file extension used in the shards (what webdataset decoders expect).
 # MPO is a multi-picture JPEG (many camera files); its bytes decode as JPEG.
 _FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "TIFF": "tiff", "WEBP": "webp",
@@ -45,10 +47,11 @@ def _one_line(e: BaseException) -> str:
 
 
 def probe_image(path: str | os.PathLike) -> Probe:
-    """Fully decode ``path`` with PIL (open + load) and report its real format.
+    """Fully decode ``path`` with PIL (open + load + ``canonical_image``, as the loader will) and
+    report its real format.
 
-    Never raises for bad input: an empty, unreadable, non-image or truncated file gives a
-    ``Probe`` with a one-line ``reason``. ``size`` lets the writer detect files that changed
+    Never raises for bad input: an empty, unreadable, non-image or truncated file, or pixels the
+    loader cannot bring to 8 bits (NaN floats, ...), gives a ``Probe`` with a one-line ``reason``. ``size`` lets the writer detect files that changed
     between validation and copying.
     """
     size = mtime_ns = -1
@@ -60,10 +63,13 @@ def probe_image(path: str | os.PathLike) -> Probe:
         with Image.open(path) as im:
             fmt = im.format
             im.load()
+            canonical_image(im)
     except UnidentifiedImageError:
         return Probe(None, size, "not an image (PIL cannot identify it)", mtime_ns)
     except (PermissionError, FileNotFoundError, IsADirectoryError) as e:
         return Probe(None, size, f"unreadable: {e.strerror or type(e).__name__}", mtime_ns)
+    except UnsupportedImage as e:
+        return Probe(None, size, f"unsupported pixels: {e}", mtime_ns)
     except Exception as e:  # noqa: BLE001 - any decoder failure means "bad file", not a crash
         # Truncated data raises OSError("image file is truncated ..."); others are corrupt.
         return Probe(None, size, f"cannot decode: {_one_line(e)}", mtime_ns)
@@ -101,6 +107,7 @@ def decode_check(data: bytes, ext: str) -> str | None:
         with Image.open(io.BytesIO(data)) as im:
             fmt = im.format
             im.load()
+            canonical_image(im)  # what the loader does with it
     except Exception as e:  # noqa: BLE001 - any decoder failure is a verify failure
         return f"does not decode ({_one_line(e)})"
     if fmt is None or ext_for_format(fmt) != ext:

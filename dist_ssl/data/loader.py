@@ -23,8 +23,9 @@ stream's sample order is known in advance and every view is seeded by (seed, epo
 view), so the skipped samples are passed over without being read or decoded and the following
 batches are bit-identical to an uninterrupted run's (same seed, world size, workers, batch size).
 
-Corrupt samples (bytes that do not decode, missing members, truncated tars) are logged and
-replaced, so every rank still yields exactly ``len(loader)`` full batches: a bad sample is
+Corrupt samples (bytes that do not decode, missing members, truncated tars, a class or instance
+id that disagrees with the manifest and the shard layout, see ``sample_checks``) are logged,
+counted and replaced, so every rank still yields exactly ``len(loader)`` full batches: a bad sample is
 replaced by the next valid sample of the same batch (cyclically, with fresh augmentation); a
 batch with no valid sample is filled with the next valid sample later in its stream. Both depend
 only on the data, not on what was iterated before, so resume stays exact. (Only if the whole rest
@@ -43,7 +44,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dist_ssl.data.augment import make_views, normalize, stack_views, view_rng
 from dist_ssl.data.decode import SKIPPED, SampleError, decode_sample, read_range
+from dist_ssl.data.errors import StreamError
 from dist_ssl.data.manifest import load_manifest
+from dist_ssl.data.sample_checks import EXPECTED_ID, check_sample
 from dist_ssl.data.stream_plan import (
     EpochPlan, buffer_permutation, epoch_rng, plan_epoch, plan_eval, worker_batches)
 from dist_ssl.data.views import ViewSpec, eval_view_spec
@@ -122,24 +125,33 @@ class ShardStream(IterableDataset):
         base = 0
         for r in ranges:
             wanted = (lambda i, b=base: b + i not in skip)
-            for i, raw in enumerate(read_range(self.paths[r.shard], r.start, r.count, wanted)):
+            first = self.manifest.shards[r.shard].first_idx + r.start  # the id layout: sample_checks
+            for i, raw in enumerate(read_range(self.paths[r.shard], r.start, r.count, wanted,
+                                               self._rejected)):
+                if isinstance(raw, dict):
+                    raw[EXPECTED_ID] = first + i
                 yield base + i, raw, r.rep
             base += r.count
+
+    def _rejected(self, name: str) -> None:
+        self._count_bad(f"tar member {name!r} rejected (not a <id>.<ext> name make_shards writes)")
+
+    def _count_bad(self, reason) -> None:
+        self._bad += 1
+        if self._bad <= _MAX_WARNINGS:
+            log.warning("rank %d epoch %d: corrupt sample skipped: %s", self.rank, self.epoch, reason)
 
     def _decode(self, raw, rep, salt=0, count=True):
         """(views as uint8 arrays, label, idx) or None for a corrupt sample."""
         try:
+            check_sample(raw, self.manifest.num_classes, self.manifest.num_samples)
             img, label, idx = decode_sample(raw)
             rngs = [view_rng(self.seed, self.epoch, idx, rep, v, salt)
                     for v in range(self.spec.num_views)]
             return make_views(img, self.spec, rngs), label, idx
         except (SampleError, OSError, ValueError) as e:
-            if not count:
-                return None
-            self._bad += 1
-            if self._bad <= _MAX_WARNINGS:
-                log.warning("rank %d epoch %d: corrupt sample skipped: %s",
-                            self.rank, self.epoch, e)
+            if count:
+                self._count_bad(e)
             return None
 
     def _collate(self, decoded):
@@ -164,8 +176,9 @@ class ShardStream(IterableDataset):
             if not good:
                 fill = self._lookahead(pending, samples) or last_good
                 if fill is None:
-                    raise RuntimeError(f"rank {self.rank}: no decodable sample in a whole "
-                                       f"stream of {self.shard_dir} (epoch {self.epoch})")
+                    raise StreamError(f"rank {self.rank}: no decodable sample in a whole stream "
+                                      f"of {self.shard_dir} (epoch {self.epoch}); run "
+                                      f"make_shards verify on it")
                 decoded = [None] * len(chunk)
                 chunk = [fill] * len(chunk)
                 good = []

@@ -4,12 +4,13 @@
                 [--subset per-class:K | random:N] [--seed 0] [--workers W] [--overwrite] [--strict]
     make_shards verify OUT_DIR [--workers W]
 
-Exit status: 0 ok; 1 ``verify`` found a problem; 2 bad arguments or input (one line on
-stderr: ``make_shards: error: ...``, no traceback).
+Exit status: 0 ok; 1 ``verify`` found a problem; 2 bad arguments or input, or an OS error such
+as a full disk (one line on stderr: ``make_shards: error: ...``, no traceback).
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 import time
@@ -79,6 +80,21 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permissions, read-only file system... one line, no traceback
+        print(f"{PROG}: error: {_os_error(e, args.out_dir)}", file=sys.stderr)
+        return 2
+
+
+def _os_error(e: OSError, out_dir: str) -> str:
+    """'No space left on device (ENOSPC): FILE: what to do' from an OSError."""
+    code = errno.errorcode.get(e.errno, "") if e.errno else ""
+    text = (e.strerror or str(e)) + (f" ({code})" if code else "")
+    if e.filename:
+        text += f": {e.filename}"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        text += (f"; free space in OUT_DIR {out_dir} or choose another, then rerun the same "
+                 f"command (finished shards are kept)")
+    return text
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ Its presence means the dataset is complete. Layout of a dataset directory::
     OUT_DIR/.make_shards/                         writer state for resuming (not needed to read)
 
 Instance ids (``idx``) are exactly ``0..num_samples-1``. Shards are filled in id order, so
-shard ``k`` holds the contiguous id range ``[first_idx, first_idx + num_samples)``; the ids
-themselves are positions in a seeded shuffle, so every shard mixes classes.
+shard ``k`` holds the contiguous id range ``[first_idx, first_idx + num_samples)`` and its i-th
+sample has id ``first_idx + i`` (``verify`` and the loader check this); the ids themselves are
+positions in a seeded shuffle, so every shard mixes classes.
 """
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ same samples always give a byte-identical tar.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -129,6 +130,13 @@ def write_shard(task: ShardTask) -> dict:
         os.replace(tmp, final)
     except _SimulatedCrash:
         raise  # leave the partial .tmp behind, exactly as a killed process would
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DataError(f"no space left on device ({errno.errorcode[e.errno]}) writing {name} "
+                            f"in OUT_DIR {task.out_dir}: free space or choose another OUT_DIR, "
+                            f"then rerun the same command (finished shards are kept)") from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -1,10 +1,10 @@
 """``verify``: check every shard of a dataset directory against its manifest.
 
 Checks, shard by shard (in manifest order, stopping at the first problem): the file exists,
-its sha256 matches, it is a tar of regular members grouped as ``cls``/``idx``/image per key,
-the key is ``{idx:09d}``, ids lie in the shard's range ``[first_idx, first_idx + n)`` without
-repeats (so over all shards every id 0..N-1 occurs exactly once), ``cls`` is in range, the
-sample count matches and every image decodes in the format its extension names. Finally the
+its sha256 matches, it is a tar of regular members named ``<id>.<ext>`` grouped as
+``cls``/``idx``/image per key, the key is ``{idx:09d}``, the i-th sample's id is ``first_idx + i``
+(the layout the loader relies on, ``sample_checks``: so over all shards every id 0..N-1 occurs
+exactly once, and a duplicate is named), ``cls`` is in range, the sample count matches and every image decodes in the format its extension names. Finally the
 per-class counts must equal the manifest's.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from dist_ssl.data.errors import ManifestError, ShardError
 from dist_ssl.data.images import IMAGE_EXTS, decode_check
 from dist_ssl.data.manifest import Manifest, ShardInfo, load_manifest
+from dist_ssl.data.sample_checks import member_key
 
 
 def _sha256(path: Path) -> str:
@@ -34,9 +35,11 @@ def _samples(name: str, tar: tarfile.TarFile):
     for m in tar:
         if not m.isfile():
             raise ShardError(f"{name}: member {m.name!r} is not a regular file")
-        k, dot, ext = m.name.partition(".")
-        if not dot or not ext or "/" in m.name:
-            raise ShardError(f"{name}: member {m.name!r} is not named <key>.<ext>")
+        named = member_key(m.name)
+        if named is None:
+            raise ShardError(f"{name}: member {m.name!r} is not named <id>.<ext> (9+ digits, "
+                             f"a lower-case extension)")
+        k, ext = named
         if k != key and parts:
             yield key, parts
             parts = {}
@@ -70,6 +73,9 @@ def _check_sample(name: str, key: str, parts: dict, info: ShardInfo, num_classes
                          f"[{info.first_idx}, {info.first_idx + info.num_samples})")
     if idx in seen:
         raise ShardError(f"{name}: idx {idx} occurs twice")
+    if idx != info.first_idx + len(seen):
+        raise ShardError(f"{name}: sample {len(seen)} has idx {idx}, the layout needs "
+                         f"{info.first_idx + len(seen)} (ids in shard order)")
     seen.add(idx)
     if cls >= num_classes:
         raise ShardError(f"{name}: sample {key} has cls {cls}, but there are "

@@ -15,6 +15,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
+from dist_ssl.config.errors import ConfigError
 from dist_ssl.data.loader import TrainLoader, build_eval_loader, build_train_loader
 from dist_ssl.data.manifest import load_manifest
 from dist_ssl.engine.ema import ModelEMA
@@ -52,6 +53,9 @@ def _lr_schedule(optimizer, cfg, total_steps: int, warmup: int, lr: float):
 
 
 def build_run(cfg) -> RunParts:
+    if not cfg.data.train:  # optional in the schema (configs are also loaded to be printed)
+        raise ConfigError("data.train", "required to train: a shard directory made by "
+                          "tools/make_shards.py (set data.train=DIR)")
     accelerator = build_accelerator(cfg.parallel, gradient_clipping=cfg.optim.clip_grad,
                                     train_micro_batch_size=cfg.train.batch_size)
     rank, world = accelerator.process_index, accelerator.num_processes

@@ -84,8 +84,7 @@ def _check_inputs(a) -> tuple[Path, Path, dict]:
     if min(a.knn_k, a.knn_chunk, a.linear_epochs, a.batch_size) < 1 or a.knn_t <= 0 or a.workers < 0:
         raise EvalError("need --knn-k, --knn-chunk, --linear-epochs, --batch-size >= 1, "
                         "--knn-t > 0, --workers >= 0")
-    if a.device and a.device.startswith("cuda") and not torch.cuda.is_available():
-        raise EvalError(f"--device {a.device}: no CUDA device is available")
+    _check_device(a.device)
     if any(wd < 0 for wd in a.linear_wd):
         raise EvalError(f"--linear-wd must be >= 0, got {a.linear_wd}")
     backbone = resolve_backbone_path(a.backbone)
@@ -98,6 +97,22 @@ def _check_inputs(a) -> tuple[Path, Path, dict]:
         raise EvalError(f"{a.train} and {a.test} have different classes "
                         f"({manifests['train'].num_classes} vs {manifests['test'].num_classes})")
     return backbone, out, manifests
+
+
+def _check_device(name: str | None) -> None:
+    """--device must name this machine's CPU or one of its CUDA devices."""
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise EvalError(f"--device {name!r}: not a device this tool runs on (use cpu, cuda or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {name}: no CUDA device is available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise EvalError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _setup_distributed(device_arg: str | None) -> tuple[torch.device, bool]:

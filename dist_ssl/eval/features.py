@@ -63,11 +63,11 @@ def load_frozen_backbone(path: str | os.PathLike,
     if not arch or "in_chans" not in meta or "img_size" not in meta:
         raise EvalError(f"{path}: no architecture/in_chans/img_size metadata "
                         f"(not written by dist_ssl.models.export_backbone?)")
-    in_chans = int(meta["in_chans"])
+    in_chans = _meta_int(path, meta, "in_chans", meta["in_chans"])
     if in_chans not in (1, 3):
         raise EvalError(f"{path}: backbone expects in_chans={in_chans}; the shard loader makes "
                         f"1 (grayscale) or 3 (RGB) channel images")
-    native = int(meta["img_size"].split("x")[0])
+    native = _meta_int(path, meta, "img_size", meta["img_size"].split("x")[0])
     size = native if img_size is None else int(img_size)
     try:
         if size == native:
@@ -79,12 +79,24 @@ def load_frozen_backbone(path: str | os.PathLike,
         else:
             model = create_backbone(ModelConfig(name=arch, img_size=size, in_chans=in_chans))
             load_backbone_state(model, load_backbone_file(path))
-    except (RuntimeError, ValueError, KeyError) as e:
+    except (RuntimeError, ValueError, KeyError, TypeError, AssertionError) as e:
         raise EvalError(f"{path}: cannot load {arch} at {size}px: {_first_line(e)}") from None
     model.eval().requires_grad_(False)
     info = {"architecture": arch, "in_chans": in_chans, "img_size": size,
             "native_img_size": native, "num_features": int(model.num_features)}
     return model, info
+
+
+def _meta_int(path: Path, meta: dict, key: str, text: str) -> int:
+    """A positive integer of the export's metadata, or a one-line EvalError naming the key."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise EvalError(f"{path}: metadata {key}={meta[key]!r} is not a positive integer "
+                        f"(re-export the backbone with dist_ssl.models.export_backbone)")
+    return value
 
 
 def _first_line(e: BaseException) -> str:

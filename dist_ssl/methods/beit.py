@@ -37,7 +37,7 @@ class MIMConfig(MethodConfig):
     """Fields shared by the token-predicting MIM methods (BEiT, SplitMask)."""
 
     name: str = doc("beit", "training method")
-    crop_scale: tuple[float, float] = doc((0.08, 1.0), "RandomResizedCrop area range (BEiT: 0.08-1)")
+    crop_scale: tuple[float, float] = doc((0.08, 1.0), "RandomResizedCrop area range (BEiT: 0.08-1)", interval=(0.0, 1.0))
     tokenizer: Literal["random_projection", "random_patches", "kmeans"] = doc(
         "random_projection", "data-only tokenizer (El-Nouby et al. 2021, Sec. 3.2)")
     tokenizer_path: Optional[str] = doc(None, "codebook file from tools/fit_tokenizer.py (random_patches/kmeans)")
@@ -62,8 +62,6 @@ class MIMConfig(MethodConfig):
         if self.tokenizer != "random_projection" and not self.tokenizer_path:
             raise ValueError(f"tokenizer_path: the {self.tokenizer} tokenizer needs a codebook file "
                              "(tools/fit_tokenizer.py)")
-        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise ValueError(f"crop_scale: need 0 < lo <= hi <= 1, got {self.crop_scale}")
 
 
 def mim_backbone(ctx: MethodContext, method: str) -> nn.Module:

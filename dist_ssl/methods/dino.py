@@ -57,10 +57,10 @@ class DINOConfig(MethodConfig):
     momentum: float = doc(0.996, "initial teacher momentum; cosine-increased to 1 over the run")
     freeze_last_layer_epochs: float = doc(1.0, "epochs with the head's last layer frozen")
     global_crop_size: Optional[int] = doc(None, "global crop size; None = model.img_size")
-    global_crop_scale: tuple[float, float] = doc((0.4, 1.0), "global crops' area range")
+    global_crop_scale: tuple[float, float] = doc((0.4, 1.0), "global crops' area range", interval=(0.0, 1.0))
     local_crops: int = doc(8, "number L of local crops (0 = two global crops only)")
     local_crop_size: int = doc(96, "local crop size (DINO: 96 for 224 global crops)")
-    local_crop_scale: tuple[float, float] = doc((0.05, 0.4), "local crops' area range")
+    local_crop_scale: tuple[float, float] = doc((0.05, 0.4), "local crops' area range", interval=(0.0, 1.0))
 
     def validate(self) -> None:
         for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):

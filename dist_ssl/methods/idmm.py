@@ -55,10 +55,10 @@ class IDMMConfig(MethodConfig):
     name: str = doc("idmm", "training method")
     global_crops: int = doc(2, "global crops per image")
     global_size: int = doc(112, "global crop size in pixels (paper: 112, half the fine-tuning size)")
-    global_scale: tuple[float, float] = doc((0.14, 1.0), "RandomResizedCrop area range of global crops")
+    global_scale: tuple[float, float] = doc((0.14, 1.0), "RandomResizedCrop area range of global crops", interval=(0.0, 1.0))
     local_crops: int = doc(4, "local crops per image (used when multi_crop)")
     local_size: Optional[int] = doc(None, "local crop size; None = global_size (the official code: 112)")
-    local_scale: tuple[float, float] = doc((0.05, 0.4), "RandomResizedCrop area range of local crops")
+    local_scale: tuple[float, float] = doc((0.05, 0.4), "RandomResizedCrop area range of local crops", interval=(0.0, 1.0))
     policy: Literal["simclr", "dino", "supervised"] = doc("simclr", "photometric policy: colour, blur, flip")
     blur_p: Optional[float] = doc(None, "Gaussian-blur probability override (tiny images: 0); None = policy's")
     multi_crop: bool = doc(True, "Table 8 switch: local crops on; False = global crops only")
@@ -88,10 +88,6 @@ class IDMMConfig(MethodConfig):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"{key}: must be >= 1, got {value}")
-        for key in ("global_scale", "local_scale"):
-            lo, hi = getattr(self, key)
-            if not 0 < lo <= hi <= 1:
-                raise ValueError(f"{key}: must satisfy 0 < lo <= hi <= 1, got {[lo, hi]}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
         if self.cutmix and self.cutmix_alpha <= 0:

@@ -33,7 +33,7 @@ from dist_ssl.models.export import unwrap_model
 @dataclass
 class MAEConfig(MethodConfig):
     name: str = doc("mae", "training method")
-    crop_scale: tuple[float, float] = doc((0.2, 1.0), "RandomResizedCrop area range (MAE: 0.2-1)")
+    crop_scale: tuple[float, float] = doc((0.2, 1.0), "RandomResizedCrop area range (MAE: 0.2-1)", interval=(0.0, 1.0))
     mask_ratio: float = doc(0.75, "fraction of patches masked, uniformly at random (MAE: 0.75)")
     mask_seed: int = doc(0, "seed of the per-sample masks (with the step and instance id)")
     norm_pix_loss: bool = doc(True, "regress per-patch normalised pixels (MAE's best setting)")
@@ -48,8 +48,6 @@ class MAEConfig(MethodConfig):
             raise ValueError(f"decoder_heads: {self.decoder_heads} does not divide decoder_dim {self.decoder_dim}")
         if self.decoder_depth < 1:
             raise ValueError(f"decoder_depth: must be >= 1, got {self.decoder_depth}")
-        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise ValueError(f"crop_scale: need 0 < lo <= hi <= 1, got {self.crop_scale}")
 
 
 class MAEStudent(nn.Module):

@@ -105,7 +105,7 @@ class MoCoV2Config(MethodConfig):
     proj_hidden_dim: int = doc(2048, "hidden width of the 2-layer MLP head")
     proj_dim: int = doc(128, "output dimension P of the MLP head")
     crop_size: Optional[int] = doc(None, "crop size; None = model.img_size")
-    crop_scale: tuple[float, float] = doc((0.2, 1.0), "RandomResizedCrop area range (MoCo v2: 0.2-1)")
+    crop_scale: tuple[float, float] = doc((0.2, 1.0), "RandomResizedCrop area range (MoCo v2: 0.2-1)", interval=(0.0, 1.0))
 
     def validate(self) -> None:
         if self.temperature <= 0:

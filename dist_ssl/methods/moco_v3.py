@@ -47,7 +47,7 @@ class MoCoV3Config(MethodConfig):
     head_norm: Literal["bn", "none"] = doc("bn", "BatchNorm in projector/predictor (global over ranks, see parallel.global_batchnorm) or none")
     freeze_patch_embed: bool = doc(True, "keep the random patch projection fixed (ViT stability trick)")
     crop_size: Optional[int] = doc(None, "crop size; None = model.img_size")
-    crop_scale: tuple[float, float] = doc((0.08, 1.0), "RandomResizedCrop area range")
+    crop_scale: tuple[float, float] = doc((0.08, 1.0), "RandomResizedCrop area range", interval=(0.0, 1.0))
 
     def validate(self) -> None:
         if self.temperature <= 0:

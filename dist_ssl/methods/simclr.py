@@ -46,7 +46,7 @@ class SimCLRConfig(MethodConfig):
     proj_layers: int = doc(2, "linear layers in the projection MLP (SimCLR v1: 2)")
     head_norm: Literal["bn", "none"] = doc("bn", "BatchNorm in the projection MLP (global over ranks, see parallel.global_batchnorm) or none")
     crop_size: Optional[int] = doc(None, "crop size; None = model.img_size")
-    crop_scale: tuple[float, float] = doc((0.08, 1.0), "RandomResizedCrop area range")
+    crop_scale: tuple[float, float] = doc((0.08, 1.0), "RandomResizedCrop area range", interval=(0.0, 1.0))
 
     def validate(self) -> None:
         if self.temperature <= 0:

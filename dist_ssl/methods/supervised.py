@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 class SupervisedConfig(MethodConfig):
     name: str = doc("supervised", "training method")
     crop_size: Optional[int] = doc(None, "training crop size; None = model.img_size")
-    crop_scale: tuple[float, float] = doc((0.08, 1.0), "RandomResizedCrop area range")
+    crop_scale: tuple[float, float] = doc((0.08, 1.0), "RandomResizedCrop area range", interval=(0.0, 1.0))
     policy: Literal["deit", "supervised"] = doc("deit", "base augmentation policy")
     randaugment: Optional[str] = doc(None, "timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1")
     random_erasing: float = doc(0.0, "random erasing probability (DeiT: 0.25)")
@@ -109,12 +109,30 @@ def _saved_head(backbone_path: Path, num_classes: int) -> dict[str, torch.Tensor
     return load_head_file(path)
 
 
-def init_from_export(net: nn.Module, path: Path, keep_head: bool, num_classes: int) -> LoadReport:
-    """Load an export into ``net`` (pos_embed resampled), with its saved head when ``keep_head``."""
-    state = load_backbone_file(path)
+def _read_backbone(path: Path) -> dict[str, torch.Tensor]:
+    """The export's tensors; a file that is not safetensors is a one-line ConfigError."""
+    try:
+        return load_backbone_file(path)  # safetensors: no pickle, no code run
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for bad headers
+        raise ConfigError("method.init_from", f"{path} is not a safetensors backbone file "
+                          f"({_first_line(e)}); give the backbone.safetensors a dist_ssl run "
+                          f"exported") from None
+
+
+def init_from_export(net: nn.Module, path: Path, keep_head: bool, num_classes: int,
+                     model_name: str) -> LoadReport:
+    """Load an export into ``net`` (pos_embed resampled), with its saved head when ``keep_head``.
+    Tensors that do not fit the model (another channel count, width, depth) are a one-line
+    ConfigError naming the key."""
+    state = _read_backbone(path)
     if keep_head:
         state.update(_saved_head(path, num_classes))
-    report = load_backbone_state(net, state, keep_head=keep_head)
+    try:
+        report = load_backbone_state(net, state, keep_head=keep_head)
+    except ValueError as e:
+        raise ConfigError("method.init_from", f"{path} does not fit model.name={model_name} "
+                          f"with these model settings ({_first_line(e)}); match model.in_chans / "
+                          f"model.name to the pre-training run") from None
     if keep_head and (report.head_dropped or not report.head_loaded):
         raise ConfigError("method.init_head", f"the head beside {path} does not fit {type(net).__name__}'s "
                           f"classifier ({report.head_dropped or 'no head keys'}): set method.init_head=false")
@@ -123,6 +141,11 @@ def init_from_export(net: nn.Module, path: Path, keep_head: bool, num_classes: i
              f", {list(report.resampled)} resampled" if report.resampled else "",
              f"loaded from {HEAD_FILE} ({num_classes} classes)" if report.head_loaded else "re-initialised")
     return report
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:400] if lines else type(e).__name__
 
 
 @register_method("supervised")
@@ -137,7 +160,7 @@ class Supervised(Method):
         net = create_backbone(model_cfg)
         if cfg.init_from:
             self.init_report = init_from_export(net, resolve_init_path(cfg.init_from), cfg.init_head,
-                                                ctx.num_classes)
+                                                ctx.num_classes, model_cfg.name)
         self.student = DRLocStudent(net, cfg.drloc_grid) if cfg.drloc else net
         self.seed = int(ctx.seed)
         self.crop_size = cfg.crop_size or model_cfg.img_size or 224

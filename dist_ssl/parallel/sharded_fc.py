@@ -71,9 +71,27 @@ def _group_rank_size(group) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------- gathers
-def _gather_sizes(n: int, device: torch.device, group, world: int) -> list[int]:
-    size = torch.tensor([n], dtype=torch.long, device=device)  # on the data's device (NCCL needs GPU)
-    return [int(s) for s in _all_gather_equal(size, group, world)]
+def _gather_sizes(n: int, bad: torch.Tensor, device: torch.device, group, world: int) -> tuple[list[int], list[int]]:
+    """(rows of every rank, ranks whose ``bad`` flag is set): one tiny all-gather and the one host sync
+    that the row sizes need anyway, so the target check below rides on it for free."""
+    size = torch.stack([torch.tensor(n, dtype=torch.long, device=device), bad.to(device, torch.long)])
+    # on the data's device (NCCL needs GPU); one .tolist() of the stacked parts = one host sync, not P
+    parts = torch.stack(_all_gather_equal(size, group, world)).tolist()
+    return [int(p[0]) for p in parts], [r for r, p in enumerate(parts) if p[1]]
+
+
+def _targets_out_of_range(target_a: torch.Tensor, target_b: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """0-d bool on the targets' device: any target outside [0, N). Two compares and a reduction per
+    target vector, no host sync (an out-of-range id would otherwise just miss every class block and
+    give a finite, wrong loss)."""
+    return ((target_a < 0) | (target_a >= num_classes) | (target_b < 0) | (target_b >= num_classes)).any()
+
+
+def _bad_targets_message(num_classes: int, ranks: Optional[list[int]] = None, example=None) -> str:
+    where = f" on rank(s) {ranks}" if ranks is not None else ""
+    seen = f" (e.g. {example})" if example is not None else ""
+    return (f"sharded_soft_cross_entropy: a target{where} is outside [0, {num_classes}){seen}: instance/class "
+            f"ids must index the N = {num_classes} classes (check the shards against their manifest)")
 
 
 def _all_gather_equal(t: torch.Tensor, group, world: int) -> list[torch.Tensor]:
@@ -257,7 +275,8 @@ def sharded_soft_cross_entropy(features, weight_shard, shard_start, num_classes,
     features [B, D]: this rank's rows (B may differ between ranks: one extra tiny all-gather of
     the sizes is always done). weight_shard [n_local, D], bias_shard [n_local] or None: classes
     [shard_start, shard_start + n_local) of ``num_classes`` (N, global). target_a, target_b [B]
-    (long, in [0, N)) and lam [B] (1.0 = no mixing; a == b is allowed) of this rank's rows;
+    (long, in [0, N); any rank's target outside it raises ValueError on every rank) and lam [B]
+    (1.0 = no mixing; a == b is allowed) of this rank's rows;
     ``smoothing`` = eps. ``chunk_size``: logit memory in rows, C x n_local elements per block (None = the whole global batch).
     ``group``: process group of the shards (None = default group; without an initialised group
     this is the exact single-process loss and the shard must be all N classes). Every rank of
@@ -279,10 +298,22 @@ def sharded_soft_cross_entropy(features, weight_shard, shard_start, num_classes,
         raise ValueError(f"target_a/target_b/lam must be [{b_rows}], got {tuple(target_a.shape)}, "
                          f"{tuple(target_b.shape)}, {tuple(lam.shape)}")
     x = features.to(weight_shard.dtype)
+    # Range check of the targets, raised by every rank together (a rank raising alone would leave the
+    # others in a collective). Cost: P > 1: nothing extra (the flag rides on the sizes gather and its
+    # existing host sync); P = 1 on CPU: a bool; P = 1 on GPU: an async device assert, no host sync (a
+    # violation ends the process at the next sync, as a device-side assert must).
+    bad = _targets_out_of_range(target_a, target_b, num_classes)
+    if world == 1 and bad.device.type == "cpu" and bool(bad):
+        ids = torch.cat([target_a, target_b])
+        raise ValueError(_bad_targets_message(num_classes, example=int(ids[(ids < 0) | (ids >= num_classes)][0])))
+    if world == 1 and bad.device.type != "cpu":
+        torch._assert_async(~bad, _bad_targets_message(num_classes))
     # one [B, 3] float64 gather for the targets (ids < 2**53 are exact in float64)
     tgt = torch.stack([t.to(x.device, torch.float64) for t in (target_a, target_b, lam)], 1)
     if world > 1:
-        sizes = _gather_sizes(b_rows, x.device, group, world)
+        sizes, bad_ranks = _gather_sizes(b_rows, bad, x.device, group, world)
+        if bad_ranks:
+            raise ValueError(_bad_targets_message(num_classes, ranks=bad_ranks))
         x = _GatherRows.apply(x, sizes, rank, group)
         tgt = _gather_rows(tgt, sizes, group)
     a, bb = tgt[:, 0].long(), tgt[:, 1].long()

@@ -104,6 +104,19 @@ def module_case(rank: int, world: int) -> dict:
             "weight": err(mod.weight.grad, ref[2][mod.shard_start : mod.shard_start + mod.n_local])}
 
 
+def bad_target_case(rank: int, world: int) -> str:
+    """The last rank passes target N: every rank must raise the same ValueError (none may be left
+    waiting in a collective) and the group must stay usable. Returns each rank's message."""
+    n = 10
+    start, n_local = shard_range(n, rank, world)
+    a = torch.tensor([1, n if rank == world - 1 else 2])
+    try:
+        sharded_soft_cross_entropy(torch.randn(2, D), torch.randn(n_local, D), start, n, a, a, torch.ones(2))
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
 def main(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
@@ -112,6 +125,7 @@ def main(rank: int, world: int, init_file: str, out_dir: str) -> None:
         results = {f"case{c['idx']}": {"case": dict(c), "err": run_case(c, rank, world)}
                    for c in cases(world)}
         results["module"] = {"case": {"n": 1001}, "err": module_case(rank, world)}
+        results["bad_target"] = bad_target_case(rank, world)
         Path(out_dir, f"rank_{rank}.json").write_text(json.dumps(results, indent=1))
         dist.barrier()
     finally:

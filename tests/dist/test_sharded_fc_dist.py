@@ -4,7 +4,8 @@ One spawn per P (tests/dist/_sharded_fc_worker.py runs every case inside it): N 
 (not divisible by 2 or 3), hard labels and CutMix, label smoothing 0 / 0.1 (the Megatron-style
 local-mean smoothing would fail here), chunk None / 2 (< global batch), equal and uneven rows per
 rank (at P = 3 one rank has none), with and without bias. Every rank's loss, weight-shard
-gradient and feature gradient must match the dense float64 reference within 1e-5.
+gradient and feature gradient must match the dense float64 reference within 1e-5. A target >= N
+on one rank makes every rank raise the same ValueError (no rank left waiting in a collective).
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ def _spawn(world: int, tmp_path: Path) -> list[dict]:
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_loss_and_grads_equal_dense(world, tmp_path):
     per_rank = _spawn(world, tmp_path)
+    # a target >= N on the last rank: every rank raised the same one-line error (none hung)
+    assert {r.pop("bad_target") for r in per_rank} == {
+        f"sharded_soft_cross_entropy: a target on rank(s) [{world - 1}] is outside [0, 10): instance/class "
+        f"ids must index the N = 10 classes (check the shards against their manifest)"}
     n_cases = sum(1 for _ in worker.cases(world))
     assert all(len(r) == n_cases + 1 for r in per_rank)  # + the ShardedLinear module case
     bad = [(rank, name, res["case"], what, e)
