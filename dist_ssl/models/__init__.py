@@ -1,5 +1,5 @@
-"""Backbones: timm factory (+ small-image ViTs registered with timm), pos-embed resampling,
-backbone-only safetensors export. Importing this package registers the small variants."""
+"""Backbones: timm factory (+ small-image ViTs, T2T-ViT and CvT registered with timm), pos-embed
+resampling, backbone-only safetensors export. Importing this package registers those models."""
 from .export import (
     export_backbone,
     export_state_dict,
