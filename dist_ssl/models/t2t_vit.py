@@ -69,7 +69,7 @@ class TokenPerformer(nn.Module):
     Attention is softmax-kernel attention approximated with m positive random features
     phi(x) = exp(w x - |x|^2 / 2) / sqrt(m) (FAVOR+), linear in T: y = phi(q) (phi(k)^T v) /
     (phi(q) sum_t phi(k_t)). The random features ``w`` [m, in_dim] are orthogonal rows scaled by
-    sqrt(m) and never trained. Computed in float32 even under autocast (exp overflows in bf16).
+    sqrt(m) and never trained. Computed in float32 (at least) even under autocast: exp overflows bf16.
     """
 
     def __init__(self, dim: int, in_dim: int, kernel_ratio: float = 0.5, drop: float = 0.1):
@@ -89,13 +89,14 @@ class TokenPerformer(nn.Module):
     def prm_exp(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, in_dim] -> positive random features [B, T, m]."""
         xd = (x * x).sum(dim=-1, keepdim=True) / 2
-        wtx = x @ self.w.t()
+        wtx = x @ self.w.to(x.dtype).t()
         return torch.exp(wtx - xd) / math.sqrt(self.m)
 
     def single_attn(self, x: torch.Tensor) -> torch.Tensor:
         k, q, v = torch.split(self.kqv(x), self.emb, dim=-1)  # official order: k, q, v
+        dtype = torch.promote_types(v.dtype, torch.float32)  # float32 at least (float64 stays)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            k, q, vf = k.float(), q.float(), v.float()
+            k, q, vf = k.to(dtype), q.to(dtype), v.to(dtype)
             kp, qp = self.prm_exp(k), self.prm_exp(q)  # [B, T, m]
             denom = torch.einsum("btm,bm->bt", qp, kp.sum(dim=1)).unsqueeze(-1)  # [B, T, 1]
             kptv = torch.einsum("btn,btm->bnm", vf, kp)  # [B, in_dim, m]
@@ -308,8 +309,9 @@ def checkpoint_filter_fn(state_dict: dict, model: T2TViT) -> dict:
 T2T_VIT_ARGS: dict[str, dict[str, Any]] = {
     "t2t_vit_7": dict(embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.0, token_dim=64),
     "t2t_vit_14": dict(embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0, token_dim=64),
-    # CPU-sized: 3x3 stride 1 first split so a 28 px image still gives a 7x7 grid (28 -> 28 -> 14 -> 7)
-    "t2t_vit_pico_28": dict(img_size=28, embed_dim=96, depth=4, num_heads=3, mlp_ratio=2.0, token_dim=32,
+    # CPU-sized: 3x3 stride 1 first split so a 28 px image still gives a 7x7 grid (28 -> 28 -> 14 -> 7).
+    # No img_size here: timm takes it from the cfg (28) or from an export overlay.
+    "t2t_vit_pico_28": dict(embed_dim=96, depth=4, num_heads=3, mlp_ratio=2.0, token_dim=32,
                             t2t_kernels=(3, 3, 3), t2t_strides=(1, 2, 2), t2t_paddings=(1, 1, 1)),
 }
 T2T_VIT_NAMES = tuple(T2T_VIT_ARGS)
