@@ -14,7 +14,9 @@ projections (so multi-process runs need global BatchNorm statistics, which the e
 (not of a head), and stochastic depth only in the last stage (CvT-13's DROP_PATH_RATE
 [0, 0, 0.1]: ``drop_path_rate`` applies to the last stage, growing linearly over its blocks).
 Module names follow the official release (``stage0.patch_embed.proj``, ``conv_proj_q.bn``,
-``stage2.cls_token``, ``norm``, ``head``), so its checkpoints map key for key.
+``stage2.cls_token``, ``norm``, ``head``), so its checkpoints map key for key; its code builds
+the MLPs with QuickGELU (x * sigmoid(1.702 x), from CLIP), which the paper does not mention:
+``act_layer='quick_gelu'`` for those weights, GELU (as ViT and the HF port) by default.
 
 Size-agnostic (no position table): any input size whose maps stay >= 1 cell; ``img_size`` is
 only the nominal resolution in the pretrained cfg.
@@ -34,7 +36,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, get_act_layer, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
@@ -113,13 +115,14 @@ class Block(nn.Module):
     ``parallel.fsdp_wrap_classes=Block`` shards ViT, T2T-ViT and CvT blocks alike)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, **attn_kwargs: Any):
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, act_layer: str = "gelu",
+                 **attn_kwargs: Any):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = ConvAttention(dim, num_heads, qkv_bias, attn_drop, drop, **attn_kwargs)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=get_act_layer(act_layer), drop=drop)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int], num_prefix: int) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), grid, num_prefix))
@@ -135,13 +138,14 @@ class CvTStage(nn.Module):
     def __init__(self, in_chans: int, dim: int, depth: int, num_heads: int, patch_size: int,
                  stride: int, padding: int, cls_token: bool, drop_path: Sequence[float],
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0,
-                 attn_drop_rate: float = 0.0):
+                 attn_drop_rate: float = 0.0, act_layer: str = "gelu"):
         super().__init__()
         self.patch_embed = ConvEmbed(in_chans, dim, patch_size, stride, padding)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
         self.pos_drop = nn.Dropout(drop_rate)
         self.blocks = nn.ModuleList([
-            Block(dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, drop_path[i]) for i in range(depth)])
+            Block(dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, drop_path[i], act_layer)
+            for i in range(depth)])
         if self.cls_token is not None:
             trunc_normal_(self.cls_token, std=0.02)
 
@@ -168,7 +172,8 @@ class CvT(nn.Module):
                  num_heads: Sequence[int] = (1, 3, 6), patch_sizes: Sequence[int] = (7, 3, 3),
                  strides: Sequence[int] = (4, 2, 2), paddings: Sequence[int] = (2, 1, 1),
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, cls_token: bool = True, drop_rate: float = 0.0,
-                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, dynamic_img_size: bool = True):
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, act_layer: str = "gelu",
+                 dynamic_img_size: bool = True):
         super().__init__()
         self.num_stages = len(dims)
         if not all(len(s) == self.num_stages for s in (depths, num_heads, patch_sizes, strides, paddings)):
@@ -186,7 +191,7 @@ class CvT(nn.Module):
             last = i == self.num_stages - 1
             dpr = torch.linspace(0, drop_path_rate, depths[i]).tolist() if last else [0.0] * depths[i]
             stage = CvTStage(chans, dims[i], depths[i], num_heads[i], patch_sizes[i], strides[i], paddings[i],
-                             cls_token and last, dpr, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate)
+                             cls_token and last, dpr, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, act_layer)
             self.add_module(f"stage{i}", stage)  # official names: stage0, stage1, stage2
             chans = dims[i]
         self.norm = nn.LayerNorm(dims[-1])
