@@ -13,7 +13,8 @@ one head, linear attention through positive random features (Performer, Choroman
 2021; kernel ratio 0.5 -> m = token_dim / 2 fixed random projections, kept as a buffer ``w``
 so checkpoints carry them), the value as the skip connection (the token width changes), and a
 token_dim MLP. ``tokens_type='transformer'`` is the T2T-ViT_t variant (full one-head attention
-over the 3,136 tokens of a 224 px image: same parameters, ~1.3G more MACs). The official
+over the 3,136 tokens of a 224 px image: the same weights less the qkv biases, 6.1G MACs for
+T2T-ViT_t-14 instead of 4.8G -- the paper's numbers, benchmarks/model_flops.py). The official
 performers apply dropout 0.1 to their attention output and MLP whatever the backbone's drop
 rate, the token transformers none (``t2t_drop_rate`` overrides either; None = official).
 
