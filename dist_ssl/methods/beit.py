@@ -20,6 +20,7 @@ import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
+from dist_ssl.config.errors import ConfigError
 from dist_ssl.config.schema import doc
 from dist_ssl.data.masking import make_masks
 from dist_ssl.data.views import CropGroup, ViewSpec
@@ -28,7 +29,9 @@ from dist_ssl.losses.mim import masked_token_loss
 from dist_ssl.methods.base import Method, MethodConfig, MethodContext
 from dist_ssl.methods.registry import register_method
 from dist_ssl.models.export import unwrap_model
-from dist_ssl.models.factory import create_backbone
+from dist_ssl.models.cvt import CVT_NAMES
+from dist_ssl.models.factory import create_backbone, resolve_backbone_name
+from dist_ssl.models.t2t_vit import T2T_VIT_NAMES
 from dist_ssl.models.tokenizers import PatchTokenizer, build_tokenizer
 
 
@@ -64,9 +67,25 @@ class MIMConfig(MethodConfig):
                              "(tools/fit_tokenizer.py)")
 
 
+# Token mixers before or inside every block: masking one token of these does not hide its pixels
+# (overlapping soft splits / conv embeddings and conv projections see the neighbours).
+NOT_PLAIN_VIT = {**{n: "T2T-ViT (overlapping soft-split tokens mixed by T2T layers)" for n in T2T_VIT_NAMES},
+                 **{n: "CvT (convolutional token embeddings and projections)" for n in CVT_NAMES}}
+
+
+def check_plain_vit_name(name: str, method: str) -> None:
+    """ConfigError (one line) for backbones MIM cannot mask: T2T-ViT and CvT."""
+    arch = resolve_backbone_name(name)
+    if arch in NOT_PLAIN_VIT:
+        raise ConfigError("model.name", f"{method} masks the patch tokens of a plain ViT, but {arch} is a "
+                          f"{NOT_PLAIN_VIT[arch]}: use a ViT/DeiT backbone (vit_small, deit_tiny, vit_pico) "
+                          f"for {method}, or train {arch} with idmm or supervised (+ drloc)")
+
+
 def mim_backbone(ctx: MethodContext, method: str) -> nn.Module:
     """A headless ViT from the run's model config (MIM pre-training has no classifier)."""
     model_cfg = ctx.model
+    check_plain_vit_name(model_cfg.name, method)  # before building a model that cannot be used
     model_cfg.num_classes = 0
     vit = create_backbone(model_cfg)
     check_vit(vit, method)

@@ -1,5 +1,6 @@
-"""Backbones: timm factory (+ small-image ViTs registered with timm), pos-embed resampling,
-backbone-only safetensors export (+ the classifier head on its own). Importing this package registers the small variants."""
+"""Backbones: timm factory (+ small-image ViTs, T2T-ViT and CvT registered with timm), pos-embed
+resampling, backbone-only safetensors export (+ the classifier head on its own). Importing this
+package registers those models."""
 from .export import (
     HEAD_FILE,
     export_backbone,

@@ -134,6 +134,9 @@ def backbone_metadata(model: nn.Module, *, keep_head: bool = False) -> dict[str,
     }
     # ViT/Swin know their resolution; size-agnostic nets keep their cfg's nominal one.
     img_size = getattr(getattr(bare, "patch_embed", None), "img_size", None)
+    if img_size is None and (getattr(bare, "pretrained_cfg", None) or {}).get("fixed_input_size"):
+        img_size = getattr(bare, "img_size", None)  # fixed-size nets without a patch embedding (T2T-ViT)
+        img_size = (img_size, img_size) if isinstance(img_size, int) else img_size
     if img_size is None:
         img_size = ((getattr(bare, "pretrained_cfg", None) or {}).get("input_size") or (3, 224, 224))[-2:]
     meta["img_size"] = "x".join(str(int(s)) for s in img_size)

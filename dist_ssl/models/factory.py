@@ -20,7 +20,7 @@ from torch import nn
 
 from dist_ssl.config.registry import register_section
 
-from . import small_vit  # noqa: F401  (registers the small-image variants with timm)
+from . import cvt, small_vit, t2t_vit  # noqa: F401  (register the small ViTs, T2T-ViT, CvT with timm)
 
 __all__ = [
     "BACKBONE_ALIASES",
@@ -52,6 +52,10 @@ BACKBONE_ALIASES: dict[str, str] = {
     "vit_pico": "vit_pico_patch4_28",
     "vit_nano": "vit_nano_patch4_28",
     **{name: name for name in small_vit.small_vit_names()},
+    # T2T-ViT (Yuan et al. 2021) and CvT (Wu et al. 2021): dist_ssl.models.t2t_vit / cvt
+    "t2t_vit_pico": "t2t_vit_pico_28",
+    "cvt_pico": "cvt_pico_28",
+    **{name: name for name in t2t_vit.T2T_VIT_NAMES + cvt.CVT_NAMES},
 }
 
 
@@ -176,10 +180,11 @@ class TokenOutput(NamedTuple):
 
 
 def forward_tokens(model: nn.Module, x: torch.Tensor) -> TokenOutput:
-    """Pooled features and the final spatial grid as tokens, for ViT/DeiT, Swin, PVT and ResNet.
+    """Pooled features and the final spatial grid as tokens, for ViT/DeiT, T2T-ViT, CvT, Swin, PVT and ResNet.
 
     x: [B, C, H, W]. ViT ``forward_features`` gives [B, P + h*w, D] (P prefix tokens: cls,
-    registers), Swin a [B, h, w, D] map (``output_fmt='NHWC'``), PVT/ResNet [B, D, h, w].
+    registers; T2T-ViT and CvT too, and they say their grid with ``feature_grid(img_size)``),
+    Swin a [B, h, w, D] map (``output_fmt='NHWC'``), PVT/ResNet [B, D, h, w].
     """
     feats = model.forward_features(x)
     pooled = model.forward_head(feats, pre_logits=True)
@@ -200,7 +205,9 @@ def forward_tokens(model: nn.Module, x: torch.Tensor) -> TokenOutput:
 
 def _vit_grid(model: nn.Module, x: torch.Tensor, num_tokens: int) -> tuple[int, int]:
     patch_embed = getattr(model, "patch_embed", None)
-    if patch_embed is not None and hasattr(patch_embed, "dynamic_feat_size"):
+    if hasattr(model, "feature_grid"):  # T2T-ViT, CvT: no patch embedding, they know their grid
+        grid = tuple(int(g) for g in model.feature_grid(tuple(x.shape[-2:])))
+    elif patch_embed is not None and hasattr(patch_embed, "dynamic_feat_size"):
         grid = tuple(int(g) for g in patch_embed.dynamic_feat_size(tuple(x.shape[-2:])))
     else:  # assume a square grid
         side = math.isqrt(num_tokens)
