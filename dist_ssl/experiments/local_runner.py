@@ -87,8 +87,8 @@ class _Signals:
 
 
 class LocalRunner:
-    def __init__(self, plan: Plan, out: TextIO = sys.stdout, verbose: bool = False):
-        self.plan, self.exp, self.out, self.verbose = plan, plan.experiment, out, verbose
+    def __init__(self, plan: Plan, out: Optional[TextIO] = None, verbose: bool = False):
+        self.plan, self.exp, self.out, self.verbose = plan, plan.experiment, out or sys.stdout, verbose
         self.outcome: dict[StageRun, tuple[str, str]] = {}  # stage -> (status, reason)
         self.failed_cells: list[tuple[str, str]] = []
         self.launched = 0
@@ -243,10 +243,10 @@ def _tail(path: Path, lines: int, indent: str) -> str:
     return "\n".join(indent + ln for ln in text[-lines:]) + f"\n{indent}(log: {path})"
 
 
-def print_plan(plan: Plan, out: TextIO = sys.stdout) -> int:
+def print_plan(plan: Plan, out: Optional[TextIO] = None) -> int:
     """`run --dry-run`: every cell's stages, their state and exact commands; starts nothing.
     Exit code 2 if a stage is invalid or stale (it would fail), else 0."""
-    exp = plan.experiment
+    exp, out = plan.experiment, out or sys.stdout
     resolved = {s: resolve(s) for s in plan.stages}
     print(f"# experiment {exp.name}: {len(plan.cells)} cells, {len(plan.stages)} stage runs; root {exp.root}; "
           f"commands run in {os.getcwd()}", file=out)

@@ -46,13 +46,13 @@ def load_pixels(shard_dir: str | Path, size: Optional[int], max_images: Optional
         if max_images is not None and shard.first_idx >= max_images:
             break
         for sample in read_range(Path(shard_dir) / shard.name, 0, shard.num_samples, lambda i: True):
+            if max_images is not None and sample is not None and _idx(sample) >= max_images:
+                continue  # not decoded
             try:
                 img, label, idx = decode_sample(sample)
             except SampleError as e:
                 skipped += 1
                 log.warning("%s: %s (skipped)", shard_dir, e)
-                continue
-            if max_images is not None and idx >= max_images:
                 continue
             if mode is None:
                 mode = "L" if img.mode in _GRAY else "RGB"
@@ -70,6 +70,13 @@ def load_pixels(shard_dir: str | Path, size: Optional[int], max_images: Optional
         raise FloorError(f"{shard_dir}: no readable images")
     order = np.argsort(ids)
     return np.stack(rows)[order], np.asarray(labels, dtype=np.int64)[order], mode
+
+
+def _idx(sample: dict) -> int:
+    try:
+        return int(sample["idx"])
+    except (KeyError, ValueError):
+        return -1  # let decode_sample report it
 
 
 def compute_floor(train: str | Path, test: str | Path, cfg: PixelFloor) -> dict:

@@ -123,7 +123,7 @@ def bar_chart(exp: Experiment, metric: str, rows: dict, floors: dict, path: Path
                 continue
             xs.append(i + (g - (len(groups) - 1) / 2) * width)
             ys.append(e.mean)
-            errs.append(e.std or 0.0)
+            errs.append(e.std if e.std is not None else float("nan"))  # n = 1: no error bar
             drawn[(row_name(method, variant), ds)] = (e.mean, e.std)
             paper = exp.paper.get(metric, {}).get(row_name(method, variant), {}).get(ds)
             if paper is not None:
@@ -144,8 +144,8 @@ def bar_chart(exp: Experiment, metric: str, rows: dict, floors: dict, path: Path
     finite = [v[0] for v in drawn.values() if v[0] is not None and math.isfinite(v[0])]
     if finite:
         ax.set_ylim(0.0, min(100.0, max(finite) + 8))
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return drawn

@@ -27,7 +27,7 @@ from typing import Optional
 from dist_ssl.atomic import atomic_write_text
 from dist_ssl.experiments.cells import EVAL_OUT, Cell, Plan
 from dist_ssl.experiments.spec import EVAL_METHODS, METRICS, Experiment, row_name
-from dist_ssl.experiments.status import EVAL_FILE, read_record
+from dist_ssl.experiments.status import BACKBONE_FILE, EVAL_FILE, read_record
 
 METRIC_TITLES = {"pretrain": "pre-training run, top-1 on its data.val (%)",
                  "finetune": "fine-tuning, top-1 (%)", "finetune_448": "fine-tuning at 448 px, top-1 (%)",
@@ -62,18 +62,24 @@ def _json(path: Path) -> Optional[dict]:
 
 
 def _why_missing(cell: Cell, metric: str) -> str:
-    """The first stage of the cell's chain that has not finished, and its recorded status."""
-    for stage in cell.stages.values():
+    """Why ``metric`` has no value: the first run of its lineage (upstream first) that has not
+    finished, with its recorded status."""
+    stage = next((s for k, s in cell.stages.items() if k == metric or (metric in EVAL_METHODS and s.is_eval)),
+                 None)
+    chain = []
+    while stage is not None:
+        chain.insert(0, stage)
+        stage = stage.upstream
+    for stage in chain:
+        if any((stage.run_dir / f).is_file() for f in (EVAL_FILE, EVAL_OUT, BACKBONE_FILE)):
+            continue
         record = read_record(stage.run_dir) or {}
         status = record.get("status")
-        if status == "done":
-            continue
         if status in ("failed", "interrupted", "running"):
             code = (record.get("attempts") or [{}])[-1].get("exit_code")
             return f"{stage.kind} {status}" + (f" (exit code {code})" if code not in (None, 0) else "")
-        if stage.kind == metric or (metric in EVAL_METHODS and stage.is_eval):
-            break
-    return "not run"
+        return f"{stage.kind} not run" if stage is not chain[-1] else "not run"
+    return "no top-1 in its result file"
 
 
 def cell_metrics(cell: Cell) -> dict[str, float]:

@@ -207,8 +207,8 @@ def _queued_jobs(root: Path) -> list[str]:
     return sorted(ids & set(proc.stdout.split())) if proc.returncode == 0 else []
 
 
-def submit_plan(plan: Plan, cli: dict, dry_run: bool, out: TextIO = sys.stdout) -> int:
-    exp = plan.experiment
+def submit_plan(plan: Plan, cli: dict, dry_run: bool, out: Optional[TextIO] = None) -> int:
+    exp, out = plan.experiment, out or sys.stdout
     resolved = {s: resolve(s) for s in plan.stages}
     todo, problems = todo_runs(plan, resolved, out)
     for p in problems:
