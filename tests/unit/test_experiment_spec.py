@@ -232,3 +232,33 @@ def test_commands(tmp_path):
                                                           str(ft.recipe), *ft.args]
     assert dict(exp.launch_for("finetune").env)["ACCELERATE_USE_CPU"] == "true"  # per-stage keeps the env
     assert stage_argv(ev, exp.launch_for("eval")) == [sys.executable, str(REPO / "tools" / "eval.py"), *ev.args]
+
+
+def test_every_experiment_file_loads_and_every_stage_config_resolves(monkeypatch):
+    """recipes/experiments/*.yaml: valid files, and every stage run's recipe + overrides is a valid
+    config (what train.py would say), from the repository root as documented."""
+    from dist_ssl.experiments.status import resolve
+
+    monkeypatch.chdir(REPO)
+    files = sorted((RECIPES / "experiments").glob("*.yaml"))
+    assert {f.stem for f in files} >= {"fmnist_smoke", "idmm_table2_flowers", "idmm_table3", "idmm_table6",
+                                       "idmm_table7", "idmm_table8"}
+    for path in files:
+        plan = build_plan(load_experiment(path))
+        errors = [(s.kind, s.cells[0], err) for s in plan.stages if (err := resolve(s).error)]
+        assert not errors, (path.name, errors[:3])
+        assert plan.experiment.root == REPO / "runs" / "experiments" / path.stem
+
+
+def test_the_readme_example_is_a_valid_experiment(tmp_path, monkeypatch):
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Experiments"):]
+    example = section[section.index("```yaml") + len("```yaml"):]
+    example = example[:example.index("```")]
+    monkeypatch.chdir(REPO)
+    path = tmp_path / "readme.yaml"
+    path.write_text(example)
+    plan = build_plan(load_experiment(path))
+    assert [c.name for c in plan.cells][:3] == ["fmnist2k/idmm-base/seed0", "fmnist2k/idmm-no_ls/seed0",
+                                                "fmnist2k/random_init-base/seed0"]
+    assert plan.experiment.paper == {"finetune": {"idmm-no_ls": {"fmnist2k": 70.4}}}
