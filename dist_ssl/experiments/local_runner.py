@@ -163,8 +163,8 @@ class LocalRunner:
                   "status": "running", "attempts": attempts + [attempt]}
         write_record(stage.run_dir, record)
         self.launched += 1
-        self.say(f"  run  {stage.kind:<12} {', '.join(stage.cells)} (attempt {len(record['attempts'])}, "
-                 f"{now()})\n    $ {line}")
+        self.say(f"  run  {stage.kind:<12} {', '.join(stage.cells)} [{len(self.outcome) + 1}/{len(self.plan.stages)}] "
+                 f"(attempt {len(record['attempts'])}, {now()})\n    $ {line}")
         t0 = time.monotonic()
         rc = self._execute(argv, env, stage.run_dir / LOG_FILE, line)
         wall = time.monotonic() - t0

@@ -71,15 +71,18 @@ def _why_missing(cell: Cell, metric: str) -> str:
         chain.insert(0, stage)
         stage = stage.upstream
     for stage in chain:
-        if any((stage.run_dir / f).is_file() for f in (EVAL_FILE, EVAL_OUT, BACKBONE_FILE)):
-            continue
+        last = stage is chain[-1]
+        if not last and any((stage.run_dir / f).is_file() for f in (EVAL_FILE, EVAL_OUT, BACKBONE_FILE)):
+            continue  # an upstream run that finished
         record = read_record(stage.run_dir) or {}
         status = record.get("status")
         if status in ("failed", "interrupted", "running"):
             code = (record.get("attempts") or [{}])[-1].get("exit_code")
             return f"{stage.kind} {status}" + (f" (exit code {code})" if code not in (None, 0) else "")
-        return f"{stage.kind} not run" if stage is not chain[-1] else "not run"
-    return "no top-1 in its result file"
+        if last and status == "done":
+            return f"{stage.kind} done, but no top-1 in its result file (no data.val?)"
+        return "not run" if last else f"{stage.kind} not run"
+    return "not run"
 
 
 def cell_metrics(cell: Cell) -> dict[str, float]:
@@ -149,7 +152,22 @@ def floor_rows(exp: Experiment, floors: dict) -> list[tuple[str, dict]]:
     return [(f"raw pixels: logistic regression (C={f.C:g})", lr), (f"raw pixels: {f.k}-NN", knn)]
 
 
-def markdown(exp: Experiment, tables: dict, floors: dict, notes: list[str]) -> str:
+def run_times(plan: Plan) -> list[tuple[str, str, int, float]]:
+    """(row, stage kind, finished runs, mean wall minutes over them) from the stage records: the
+    compute an experiment took (all attempts of a run summed; runs without a record are absent)."""
+    acc: dict = {}
+    for run in plan.stages:
+        record = read_record(run.run_dir) or {}
+        if record.get("status") != "done":
+            continue
+        cell = next(c for c in plan.cells if c.name == run.cells[0])
+        wall = sum(a.get("wall_s") or 0.0 for a in record.get("attempts", []))
+        acc.setdefault((cell.row, run.kind), []).append(wall / 60.0)
+    return [(row, kind, len(v), statistics.fmean(v)) for (row, kind), v in acc.items()]
+
+
+def markdown(exp: Experiment, tables: dict, floors: dict, notes: list[str],
+             times: list | None = None) -> str:
     d = exp.decimals
     out = [f"# {exp.name}: results", ""]
     if exp.description:
@@ -187,6 +205,11 @@ def markdown(exp: Experiment, tables: dict, floors: dict, notes: list[str]) -> s
             for ds, r in floors.items() if isinstance(r, dict)) + ".", ""]
     if notes:
         out += ["## Missing results", ""] + [f"- {n}" for n in notes] + [""]
+    if times:
+        total = sum(n * m for _, _, n, m in times)
+        out += ["## Run time", "", f"Wall time of the finished stage runs (from their stage.json; total "
+                f"{total:.1f} min).", "", "| row | stage | runs | mean wall (min) |", "|---|---|---|---|"]
+        out += [f"| {row} | {kind} | {n} | {m:.1f} |" for row, kind, n, m in times] + [""]
     return "\n".join(out)
 
 
@@ -257,7 +280,7 @@ def write_report(plan: Plan, out=None, plots: bool = True) -> Path:
     tables = collect(plan)
     floors = compute_floors(exp, out)
     notes = missing_notes(tables)
-    atomic_write_text(report_dir / "results.md", markdown(exp, tables, floors, notes))
+    atomic_write_text(report_dir / "results.md", markdown(exp, tables, floors, notes, run_times(plan)))
     atomic_write_text(report_dir / "results.csv", csv_text(exp, tables, floors))
     if plots:
         from dist_ssl.experiments.plots import bar_chart, cell_curves

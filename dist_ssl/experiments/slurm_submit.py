@@ -27,7 +27,7 @@ from typing import Optional, TextIO
 
 from dist_ssl.atomic import atomic_write_bytes, atomic_write_json
 from dist_ssl.cluster.sbatch import Element, JobSpec, render, sbatch_value, slurm_filename
-from dist_ssl.cluster.submit import _BACKEND_CONFIG, SubmitError, resolve_env_file, submit
+from dist_ssl.cluster.submit import SubmitError, default_accelerate_config, resolve_env_file, submit
 from dist_ssl.experiments.cells import Plan, StageRun
 from dist_ssl.experiments.commands import EVAL, REPO
 from dist_ssl.experiments.spec import STAGES, ExperimentError, Slurm
@@ -114,7 +114,7 @@ def _accelerate_config(slurm: Slurm, job: ArrayJob, resolved: dict) -> Path:
         if len(backends) > 1:
             raise ExperimentError(f"{job.kind} runs use several parallel.backend values {sorted(backends)}: "
                                   "set slurm.accelerate_config (or per stage under slurm.stages)")
-        path = REPO / "recipes" / "accelerate" / f"{_BACKEND_CONFIG[backends.pop()]}.yaml"
+        path = default_accelerate_config(backends.pop())
     if not path.is_file():
         raise ExperimentError(f"slurm accelerate config not found: {path}")
     return path.resolve()

@@ -86,8 +86,8 @@ def test_tables_from_recorded_results(recorded):
         assert int(row["n"]) == len(values) and int(row["seeds"]) == 3
         assert [float(v.split(":")[1]) for v in row["values"].split(";")] == values  # every seed's value
     assert by_key[("finetune", "scratch", "a")]["missing"] == "2:finetune failed (exit code 3)"
-    assert by_key[("finetune", "idmm", "b")]["missing"] == "1:not run"
-    assert by_key[("knn", "idmm", "b")]["missing"] == "1:not run"
+    assert by_key[("finetune", "idmm", "b")]["missing"] == "1:pretrain not run"  # the first unfinished run
+    assert by_key[("knn", "idmm", "b")]["missing"] == "1:pretrain not run"
     assert by_key[("finetune", "idmm", "a")]["paper"] == "79.9" and by_key[("knn", "idmm", "b")]["paper"] == "50.0"
     md = (report / "results.md").read_text()
     a_ft = truth[("finetune", "idmm", "a")]
@@ -103,7 +103,7 @@ def test_tables_from_recorded_results(recorded):
     sb = _plain_mean_std(truth[("finetune", "scratch", "b")])
     assert scratch_line == f"| scratch | {sa[0]:.2f} ± {sa[1]:.2f} (n=2 of 3) | 58.1 | {sb[0]:.2f} ± {sb[1]:.2f} (n=3) |"
     assert "- finetune: a/scratch/seed2: finetune failed (exit code 3)" in md
-    assert "- knn: b/idmm/seed1: not run" in md and "Paper numbers: IDMM Table 2." in md
+    assert "- knn: b/idmm/seed1: pretrain not run" in md and "Paper numbers: IDMM Table 2." in md
 
 
 def test_a_row_without_any_result_is_missing_not_dropped(recorded):
@@ -192,3 +192,15 @@ def test_pixel_floor_equals_sklearn_on_independently_decoded_pixels(fmnist2k_sha
     with pytest.raises(AssertionError, match="recomputed"):
         pixel_floor.cached_floor(tmp_path, "fm", str(fmnist2k_shards), str(fmnist_test_shards_small),
                                  PixelFloor(C=0.1, k=3, max_train=500))
+
+
+def test_run_time_table_from_stage_records(recorded):
+    plan, _ = recorded
+    walls = {"a/idmm/seed0": [30.0, 90.0], "a/idmm/seed1": [60.0]}  # two attempts (resumed), one attempt
+    for cell in plan.cells:
+        if cell.name in walls:
+            run = cell.stages["pretrain"]
+            write_record(run.run_dir, {"status": "done", "attempts": [{"wall_s": w} for w in walls[cell.name]]})
+    md = (write_report(plan, plots=False) / "results.md").read_text()
+    assert "| idmm | pretrain | 2 | 1.5 |" in md  # (120 s + 60 s) / 2 runs
+    assert "total 3.0 min" in md
