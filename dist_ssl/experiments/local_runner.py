@@ -168,10 +168,10 @@ class LocalRunner:
         t0 = time.monotonic()
         rc = self._execute(argv, env, stage.run_dir / LOG_FILE, line)
         wall = time.monotonic() - t0
-        if self.signals.signum is not None or rc == TRAINER_REQUEUE:
-            status, reason = "interrupted", f"stopped (exit code {rc}); run again to resume"
-        elif rc == 0 and resolved.artifact.is_file():
+        if rc == 0 and resolved.artifact.is_file():
             status, reason = "done", ""
+        elif self.signals.signum is not None or rc == TRAINER_REQUEUE:
+            status, reason = "interrupted", f"stopped (exit code {rc}); run again to resume"
         elif rc == 0:
             status, reason = "failed", f"exited 0 without writing {resolved.artifact.name}"
         else:
@@ -190,9 +190,13 @@ class LocalRunner:
             fh.write(f"==== {now()} {line}\n".encode())
             fh.flush()
             start = fh.tell()
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-                                    env={**os.environ, **env}, start_new_session=True,
-                                    preexec_fn=_die_with_parent)
+            try:
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **env}, start_new_session=True,
+                                        preexec_fn=_die_with_parent)
+            except OSError as e:  # e.g. no `accelerate` executable: the stage fails, the run goes on
+                fh.write(f"cannot start {argv[0]}: {e}\n".encode())
+                return 127
         self.signals.child = proc
         if self.signals.signum is not None:  # signalled while starting it
             proc.send_signal(signal.SIGTERM)

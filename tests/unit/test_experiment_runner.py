@@ -137,3 +137,17 @@ def test_record_of_a_launch(plan, monkeypatch, tmp_path):
     assert attempt["exit_code"] == 0 and attempt["wall_s"] >= 0 and attempt["start"] <= attempt["end"]
     assert "trained" in (pre.run_dir / "stage.log").read_text()
     assert subprocess.run(["true"]).returncode == 0  # the real Popen is untouched here
+
+
+def test_a_command_that_cannot_start_fails_its_stage(plan, monkeypatch):
+    pre = plan.cells[0].stages["pretrain"]
+    monkeypatch.setattr(local_runner, "stage_argv", lambda stage, launch: ["/no/such/accelerate", "launch"])
+    runner = LocalRunner(plan, out=io.StringIO())
+    runner.resolved = {pre: resolve(pre)}
+    runner.signals = local_runner._Signals()
+    try:
+        assert runner._launch(pre, runner.resolved[pre]) == ("failed", "exit code 127")
+    finally:
+        runner.signals.restore()
+    assert "cannot start /no/such/accelerate" in (pre.run_dir / "stage.log").read_text()
+    assert read_record(pre.run_dir)["status"] == "failed"
