@@ -16,7 +16,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from dist_ssl.experiments.cells import build_plan
 from dist_ssl.experiments.cli import main as experiment_main
