@@ -35,9 +35,12 @@ _SBATCH_PLAIN = frozenset("-_.:/@,=+%")  # characters an #SBATCH value may show 
 
 @dataclass(frozen=True)
 class Element:
-    """One run of the job: its run directory and its own overrides (array: one per index)."""
+    """One run of the job: its run directory and its own overrides (array: one per index);
+    ``recipe`` replaces ``JobSpec.recipe`` for this element (arrays whose runs use different
+    recipes, e.g. one experiment stage over several methods)."""
     run_dir: Path
     overrides: tuple[str, ...]
+    recipe: Optional[Path] = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,16 @@ class JobSpec:
     signal_seconds: int = 300    # 0: no preemption warning signal
     max_requeues: int = 3
     env_file: Optional[Path] = None  # sourced before launching (modules, NCCL settings)
+    array_indices: Optional[tuple[int, ...]] = None  # SLURM array task ids (default 0..n-1)
+    output: Optional[str] = None  # --output pattern (default: in the run dir, see _header)
+    rendered_by: str = "tools/submit.py"  # named in the script's first comment
+
+    def indices(self) -> tuple[int, ...]:
+        """The array task id of each element."""
+        return self.array_indices if self.array_indices is not None else tuple(range(len(self.elements)))
+
+    def per_element_recipes(self) -> bool:
+        return any(el.recipe is not None for el in self.elements)
 
     def validate(self) -> None:
         if self.nodes < 1 or self.procs_per_node < 1:
@@ -70,6 +83,10 @@ class JobSpec:
             raise ValueError(f"signal seconds must be in 0..65535, got {self.signal_seconds}")
         if self.max_requeues < 0:
             raise ValueError(f"max requeues must be >= 0, got {self.max_requeues}")
+        if self.array_indices is not None:
+            if not self.array or len(self.array_indices) != len(self.elements) or \
+                    len(set(self.array_indices)) != len(self.array_indices) or min(self.array_indices) < 0:
+                raise ValueError("array indices must be distinct, >= 0 and one per array element")
         for el in self.elements:
             if "\\" in str(el.run_dir):  # SLURM expands no %j pattern in a file name with one
                 raise ValueError(f"run directory must not contain a backslash: {el.run_dir}")
@@ -97,7 +114,9 @@ def log_dir(run_dir: Path) -> Path:
 
 
 def _header(spec: JobSpec) -> list[str]:
-    if spec.array:
+    if spec.output is not None:
+        out = spec.output
+    elif spec.array:
         # element i's log lands in its own run dir: <parent>/<i>/slurm/
         parent = spec.elements[0].run_dir.parent
         out = slurm_filename(parent, "%a/slurm/slurm-%A_%a.out")
@@ -113,9 +132,11 @@ def _header(spec: JobSpec) -> list[str]:
     if spec.signal_seconds:
         opts.append(("signal", f"B:USR1@{spec.signal_seconds}"))
     if spec.array:
-        opts.append(("array", f"0-{len(spec.elements) - 1}"))
+        ids = spec.indices()
+        default = ids == tuple(range(len(spec.elements)))
+        opts.append(("array", f"0-{len(spec.elements) - 1}" if default else ",".join(map(str, ids))))
     lines = ["#!/bin/bash",
-             "# dist_ssl training job rendered by tools/submit.py; resubmit with `sbatch` on this file."]
+             f"# dist_ssl training job rendered by {spec.rendered_by}; resubmit with `sbatch` on this file."]
     for key, value in opts:
         lines.append(f"#SBATCH --{key}" + ("" if value is None else "=" + sbatch_value(value)))
     return lines
@@ -127,13 +148,15 @@ def _words(items) -> str:
 
 def _element_lines(spec: JobSpec) -> list[str]:
     def assign(el: Element, indent: str) -> list[str]:
-        return [f"{indent}RUN_DIR={shlex.quote(str(el.run_dir))}",
-                f"{indent}OVERRIDES=({_words(el.overrides)})"]
+        lines = [f"{indent}RUN_DIR={shlex.quote(str(el.run_dir))}"]
+        if spec.per_element_recipes():
+            lines.append(f"{indent}RECIPE={shlex.quote(str(el.recipe or spec.recipe))}")
+        return lines + [f"{indent}OVERRIDES=({_words(el.overrides)})"]
 
     if not spec.array:
         return assign(spec.elements[0], "")
     lines = ['case "${SLURM_ARRAY_TASK_ID:-}" in']
-    for i, el in enumerate(spec.elements):
+    for i, el in zip(spec.indices(), spec.elements):
         lines += [f"    {i})"] + assign(el, "        ") + ["        ;;"]
     lines += ["    *) echo \"[dist_ssl] unknown array index '${SLURM_ARRAY_TASK_ID:-}'\" >&2; exit 2 ;;",
               "esac"]
@@ -145,6 +168,7 @@ def launch_lines(spec: JobSpec) -> list[str]:
     q = shlex.quote
     cont = " \\"
     launcher = q(str(spec.repo / "cluster" / "node_launch.py"))
+    recipe = '"$RECIPE"' if spec.per_element_recipes() else q(str(spec.recipe))
     return [
         'srun --kill-on-bad-exit=1 --label --nodes="$SLURM_NNODES" --ntasks-per-node=1' + cont,
         f'    "$PYTHON" {launcher} --status-dir "$STATUS_DIR" --' + cont,
@@ -153,7 +177,7 @@ def launch_lines(spec: JobSpec) -> list[str]:
         f'    --num_processes "$((SLURM_NNODES * {spec.procs_per_node}))"' + cont,
         '    --main_process_ip "$MAIN_ADDR"' + cont,
         '    --main_process_port "$MAIN_PORT"' + cont,
-        f'    {q(str(spec.repo / "tools" / "train.py"))} {q(str(spec.recipe))} "${{OVERRIDES[@]}}" &',
+        f'    {q(str(spec.repo / "tools" / "train.py"))} {recipe} "${{OVERRIDES[@]}}" &',
     ]
 
 

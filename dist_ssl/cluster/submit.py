@@ -124,6 +124,11 @@ def plan_elements(recipe: Path, overrides: list[str], arrays: list[str]) -> tupl
     return elements, base
 
 
+def default_accelerate_config(backend: str) -> Path:
+    """The launcher config for a ``parallel.backend``: recipes/accelerate/<backend>.yaml (ddp for auto)."""
+    return REPO / "recipes" / "accelerate" / f"{_BACKEND_CONFIG[backend]}.yaml"
+
+
 def accelerate_config(value: Optional[str], cfg) -> Path:
     if value:
         path = Path(value)

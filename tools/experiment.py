@@ -1,0 +1,9 @@
+#!/usr/bin/env python
+"""Experiments: `tools/experiment.py run|submit|report EXPERIMENT.yaml [--dry-run] [--only PATTERN]
+[SLURM options for submit]`. See README ("Experiments") and recipes/experiments/."""
+import sys
+
+from dist_ssl.experiments.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
