@@ -16,7 +16,7 @@ import io
 import logging
 import tarfile
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
@@ -89,8 +89,22 @@ def read_range(path: Path, start: int, count: int,
         yield None
 
 
-def decode_sample(sample: Optional[dict]) -> tuple[Image.Image, int, int]:
-    """(PIL image fully loaded, class id, instance id) or :class:`SampleError`."""
+class OpenedSample(NamedTuple):
+    """A sample whose header is parsed but whose pixels are not decoded yet."""
+
+    image: Image.Image  # PIL image, size and mode known, nothing decoded (lazy)
+    label: int
+    idx: int
+    data: bytes  # the encoded image bytes
+    key: str
+
+
+def open_sample(sample: Optional[dict]) -> OpenedSample:
+    """Parse ``cls``, ``idx`` and the image header (cheap: ~0.06 ms for a JPEG), decode nothing.
+
+    Raises :class:`SampleError` for a missing member or bytes PIL cannot identify. The image
+    size is what crop plans are drawn from before choosing how to decode (``reduced_decode``).
+    """
     if sample is None:
         raise SampleError("unreadable sample")
     key = sample.get("__key__", "?")
@@ -101,10 +115,38 @@ def decode_sample(sample: Optional[dict]) -> tuple[Image.Image, int, int]:
         label = int(sample["cls"])
         idx = int(sample["idx"])
         img = Image.open(io.BytesIO(sample[ext]))
-        img.load()
     except KeyError as e:
         raise SampleError(f"sample {key}: missing member {e}") from None
+    except Exception as e:  # noqa: BLE001 - any parser failure makes the sample corrupt
+        raise SampleError(f"sample {key}: {_first_line(e)}") from None
+    return OpenedSample(img, label, idx, sample[ext], key)
+
+
+def load_image(opened: OpenedSample, reduce: int = 1) -> tuple[Image.Image, int]:
+    """Decode the pixels, a JPEG at 1/``reduce`` scale (``reduce`` in 1, 2, 4, 8) via libjpeg's
+    DCT scaling (``Image.draft``); other formats at full size. Returns (image, actual scale):
+    pixel (x, y) of the result covers source pixels [x*s, (x+1)*s) x [y*s, (y+1)*s).
+    Raises :class:`SampleError` if the bytes do not decode.
+    """
+    img, scale = opened.image, 1
+    try:
+        if reduce > 1 and img.format == "JPEG":
+            w, h = img.size
+            drafted = img.draft(None, (max(1, w // reduce), max(1, h // reduce)))
+            if drafted is not None:
+                scale = round(w / drafted[1][2])
+        img.load()
     except Exception as e:  # noqa: BLE001 - any decoder failure makes the sample corrupt
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise SampleError(f"sample {key}: {msg}") from None
-    return img, label, idx
+        raise SampleError(f"sample {opened.key}: {_first_line(e)}") from None
+    return img, scale
+
+
+def decode_sample(sample: Optional[dict]) -> tuple[Image.Image, int, int]:
+    """(PIL image fully loaded, class id, instance id) or :class:`SampleError`."""
+    opened = open_sample(sample)
+    img, _ = load_image(opened)
+    return img, opened.label, opened.idx
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
