@@ -156,26 +156,37 @@ def _box_radius(sigma: float, passes: int = 3) -> float:
 
 
 def blur_kernels(sigmas: list[float]) -> np.ndarray:
-    """[B, K] 1-D kernels of PIL's GaussianBlur(radius=sigma) (3 extended-box passes); a sigma
-    of 0 gives the identity. Built on the host from the plan (no device sync)."""
+    """[B, K] 1-D extended-box kernels of PIL's GaussianBlur(radius=sigma) (one of its 3
+    passes per direction); a sigma of 0 gives the identity. Built on the host from the plan
+    (no device sync)."""
     boxes = []
     for s in sigmas:
         r = _box_radius(s) if s > 0 else 0.0
         whole = int(r)
         box = np.full(2 * whole + 3, 1.0 / (2 * r + 1))
         box[0] = box[-1] = (r - whole) / (2 * r + 1)
-        boxes.append(np.convolve(np.convolve(box, box), box))
+        boxes.append(box)
     k = max(len(b) for b in boxes)
     return np.stack([np.pad(b, ((k - len(b)) // 2,)) for b in boxes])
 
 
-def gaussian_blur(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-    """Separable blur of x [B, C, H, W] with per-sample 1-D ``kernels`` [B, K], edges repeated."""
+def _box_pass(y: torch.Tensor, weight: torch.Tensor, vertical: bool) -> torch.Tensor:
+    """One extended-box pass of [1, B*C, H, W] with edge pixels repeated, rounded as PIL."""
+    k = weight.shape[1]
+    pad = (0, 0, k // 2, k // 2) if vertical else (k // 2, k // 2, 0, 0)
+    shape = (weight.shape[0], 1, k, 1) if vertical else (weight.shape[0], 1, 1, k)
+    y = F.pad(y, pad, mode="replicate")
+    return F.conv2d(y, weight.view(shape), groups=weight.shape[0]).round_()
+
+
+def gaussian_blur(x: torch.Tensor, kernels: torch.Tensor, passes: int = 3) -> torch.Tensor:
+    """PIL's GaussianBlur of x [B, C, H, W] with per-sample box ``kernels`` [B, K]: ``passes``
+    horizontal box passes, then ``passes`` vertical ones, each repeating the edge pixels (as
+    PIL does; one convolution with the composed kernel would differ near the borders)."""
     b, c, h, w = x.shape
-    k = kernels.shape[1]
     weight = kernels.to(x.dtype).repeat_interleave(c, dim=0)  # [B*C, K]
-    y = F.pad(x.reshape(1, b * c, h, w), (k // 2, k // 2, 0, 0), mode="replicate")
-    y = F.conv2d(y, weight.view(b * c, 1, 1, k), groups=b * c).round_()
-    y = F.pad(y, (0, 0, k // 2, k // 2), mode="replicate")
-    y = F.conv2d(y, weight.view(b * c, 1, k, 1), groups=b * c).round_()
+    y = x.reshape(1, b * c, h, w)
+    for vertical in (False, True):
+        for _ in range(passes):
+            y = _box_pass(y, weight, vertical)
     return y.view(b, c, h, w).clamp_(0, 255)
