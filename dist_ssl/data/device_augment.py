@@ -143,50 +143,57 @@ def solarize(x: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
     return torch.where(use.view(-1, 1, 1, 1) & (x >= 128), 255.0 - x, x)
 
 
-def _box_radius(sigma: float, passes: int = 3) -> float:
-    """PIL's ``_gaussian_blur_radius``: the extended-box radius whose ``passes`` passes have
-    variance sigma**2 (Gwosdek et al., "Theoretical foundations of Gaussian convolution by
-    extended box filtering", SSVM 2011)."""
-    sigma2 = sigma * sigma / passes
-    length = math.sqrt(12.0 * sigma2 + 1.0)
-    whole = math.floor((length - 1.0) / 2.0)
-    frac = (2 * whole + 1) * (whole * (whole + 1) - 3 * sigma2)
-    frac /= 6 * (sigma2 - (whole + 1) * (whole + 1))
-    return whole + frac
+def _box_weights(sigma: float, passes: int = 3) -> tuple[int, int, int]:
+    """(integer radius l, inner weight, edge weight) of one pass of PIL's GaussianBlur(sigma),
+    in PIL's units of 2**-24 and with its float32 arithmetic (``ImagingGaussianBlur``: the
+    extended-box radius l + a whose ``passes`` passes have variance sigma**2, Gwosdek et al.,
+    "Theoretical foundations of Gaussian convolution by extended box filtering", SSVM 2011)."""
+    f32 = np.float32
+    sigma2 = f32(f32(sigma) * f32(sigma) / f32(passes))
+    length = f32(math.sqrt(12.0 * float(sigma2) + 1.0))
+    whole = f32(math.floor((float(length) - 1.0) / 2.0))
+    frac = f32((f32(2) * whole + f32(1)) * (whole * (whole + f32(1)) - f32(3) * sigma2))
+    frac = f32(frac / (f32(6) * (sigma2 - (whole + f32(1)) * (whole + f32(1)))))
+    radius = f32(whole + frac)
+    inner = int(f32(1 << 24) / (radius * f32(2) + f32(1)))
+    return int(radius), inner, ((1 << 24) - (int(radius) * 2 + 1) * inner) // 2
 
 
 def blur_kernels(sigmas: list[float]) -> np.ndarray:
-    """[B, K] 1-D extended-box kernels of PIL's GaussianBlur(radius=sigma) (one of its 3
-    passes per direction); a sigma of 0 gives the identity. Built on the host from the plan
-    (no device sync)."""
+    """[B, K] integer 1-D kernels (units of 2**-24) of one pass of PIL's GaussianBlur(radius=
+    sigma) per sample; a sigma of 0 gives the identity. Built on the host from the plan (no
+    device sync)."""
     boxes = []
     for s in sigmas:
-        r = _box_radius(s) if s > 0 else 0.0
-        whole = int(r)
-        box = np.full(2 * whole + 3, 1.0 / (2 * r + 1))
-        box[0] = box[-1] = (r - whole) / (2 * r + 1)
-        boxes.append(box)
+        if s <= 0:
+            boxes.append(np.array([0.0, float(1 << 24), 0.0]))
+            continue
+        whole, inner, edge = _box_weights(s)
+        boxes.append(np.array([edge] + [inner] * (2 * whole + 1) + [edge], dtype=np.float64))
     k = max(len(b) for b in boxes)
     return np.stack([np.pad(b, ((k - len(b)) // 2,)) for b in boxes])
 
 
 def _box_pass(y: torch.Tensor, weight: torch.Tensor, vertical: bool) -> torch.Tensor:
-    """One extended-box pass of [1, B*C, H, W] with edge pixels repeated, rounded as PIL."""
+    """One extended-box pass of [1, B*C, H, W] (float64, integer values) with edge pixels
+    repeated, rounded as PIL does: (sum + 2**23) >> 24, exact in float64."""
     k = weight.shape[1]
     pad = (0, 0, k // 2, k // 2) if vertical else (k // 2, k // 2, 0, 0)
     shape = (weight.shape[0], 1, k, 1) if vertical else (weight.shape[0], 1, 1, k)
     y = F.pad(y, pad, mode="replicate")
-    return F.conv2d(y, weight.view(shape), groups=weight.shape[0]).round_()
+    y = F.conv2d(y, weight.view(shape), groups=weight.shape[0])
+    return torch.floor((y + float(1 << 23)) / float(1 << 24))
 
 
 def gaussian_blur(x: torch.Tensor, kernels: torch.Tensor, passes: int = 3) -> torch.Tensor:
-    """PIL's GaussianBlur of x [B, C, H, W] with per-sample box ``kernels`` [B, K]: ``passes``
-    horizontal box passes, then ``passes`` vertical ones, each repeating the edge pixels (as
-    PIL does; one convolution with the composed kernel would differ near the borders)."""
+    """PIL's GaussianBlur of x [B, C, H, W] (integer values 0..255) with per-sample kernels of
+    :func:`blur_kernels`: ``passes`` horizontal box passes, then ``passes`` vertical ones, each
+    repeating the edge pixels and rounding as PIL does (one convolution with the composed
+    kernel would differ near the borders). In float64: the integer sums must be exact."""
     b, c, h, w = x.shape
-    weight = kernels.to(x.dtype).repeat_interleave(c, dim=0)  # [B*C, K]
-    y = x.reshape(1, b * c, h, w)
+    weight = kernels.to(torch.float64).repeat_interleave(c, dim=0)  # [B*C, K]
+    y = x.to(torch.float64).reshape(1, b * c, h, w)
     for vertical in (False, True):
         for _ in range(passes):
             y = _box_pass(y, weight, vertical)
-    return y.view(b, c, h, w).clamp_(0, 255)
+    return y.view(b, c, h, w).to(x.dtype).clamp_(0, 255)
