@@ -1,5 +1,9 @@
 """Reading sample ranges out of WebDataset tars, and decoding one sample.
 
+Decoding is two steps so crop plans can be drawn from the image size before any pixel is
+decoded (:mod:`reduced_decode`): ``open_sample`` parses ``cls``, ``idx`` and the image header,
+``load_image`` decodes, a JPEG optionally at 1/2, 1/4 or 1/8 scale. ``decode_sample`` is both.
+
 The train/eval loader reads ``Range(shard, start, count)`` sub-ranges of shards (see
 ``stream_plan``), which webdataset's shard-level pipeline cannot express, so tars are read
 here with :mod:`tarfile` on the seekable file: members before ``start`` and members of samples a
