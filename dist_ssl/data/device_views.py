@@ -36,7 +36,8 @@ def batch_to_device(batch: dict, spec: ViewSpec, device: torch.device,
     if is_payload(batch):
         from dist_ssl.data.gpu_decode import render_batch  # torchvision.io only when used
         out = render_batch(batch, spec, device, non_blocking)
-        rest = {k: v for k, v in batch.items() if k not in ("images", "plan", "index", "label")}
+        rest = {k: v for k, v in batch.items()
+                if k not in ("images", "shapes", "plan", "index", "label")}
     else:
         out = {"views": [_view_to_device(v, spec, device, non_blocking) for v in batch["views"]]}
         rest = {k: v for k, v in batch.items() if k != "views"}

@@ -21,7 +21,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from dist_ssl.data import device_augment as dev
-from dist_ssl.data.gpu_payload import COL
+from dist_ssl.data.gpu_payload import COL, unpack_images
 from dist_ssl.data.views import ViewSpec
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def render_batch(batch: dict, spec: ViewSpec, device: torch.device,
                  non_blocking: bool = True) -> dict:
     """A :mod:`gpu_payload` batch -> {"index", "label", "views"} on ``device`` with float32
     normalised views [B, C, S, S] in view order (the CPU path's layout)."""
-    images = decode_images(batch["images"], device, non_blocking)
+    images = decode_images(unpack_images(batch), device, non_blocking)
     images, index, label, plan = _replace_bad(images, batch)
     images = [_channels(im, spec.in_chans) for im in images]
     plan_dev = plan.to(device, non_blocking=non_blocking)

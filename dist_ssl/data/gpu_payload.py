@@ -14,8 +14,12 @@ but fails to decode on the device is handled there (:func:`gpu_decode.decode_ima
 Batch layout (B = batch, V = views per sample, K = ``len(PLAN_FIELDS)``)::
 
     {"index": LongTensor [B], "label": LongTensor [B],
-     "images": [uint8 Tensor [nbytes] (encoded JPEG) or [C, H, W] (pixels)] * B,
+     "images": uint8 Tensor [total bytes]: every sample's JPEG bytes or pixels, concatenated,
+     "shapes": LongTensor [B, 3]: (C, H, W) of pixels, (0, 0, nbytes) of an encoded JPEG,
      "plan": Float64Tensor [B, V, K]}
+
+One buffer per batch, not B tensors: each tensor crossing the worker boundary costs a shared-
+memory segment (and a file descriptor while in flight). :func:`unpack_images` splits it.
 """
 from __future__ import annotations
 
@@ -79,12 +83,27 @@ def prepare(sample, spec: ViewSpec, rngs_for: RngsFor) -> tuple[dict, int, int]:
 
 def collate(decoded: list[tuple[dict, int, int]]) -> dict:
     """Items of :func:`prepare` -> the batch layout of this module's docstring."""
+    images = [d[0]["image"] for d in decoded]
+    shapes = [(0, 0, t.numel()) if t.ndim == 1 else tuple(t.shape) for t in images]
     return {"index": torch.tensor([d[2] for d in decoded], dtype=torch.long),
             "label": torch.tensor([d[1] for d in decoded], dtype=torch.long),
-            "images": [d[0]["image"] for d in decoded],
+            "images": torch.cat([t.reshape(-1) for t in images]),
+            "shapes": torch.tensor(shapes, dtype=torch.long),
             "plan": torch.stack([d[0]["plan"] for d in decoded])}
+
+
+def unpack_images(batch: dict) -> list[torch.Tensor]:
+    """Per sample: its encoded JPEG (uint8 [nbytes]) or pixels (uint8 [C, H, W]), as views
+    of the batch's buffer (no copies)."""
+    out, start = [], 0
+    for c, h, w in batch["shapes"].tolist():
+        n = w if c == 0 else c * h * w
+        item = batch["images"][start:start + n]
+        out.append(item if c == 0 else item.view(c, h, w))
+        start += n
+    return out
 
 
 def is_payload(batch: dict) -> bool:
     """Whether ``batch`` holds encoded images + plans (this module) rather than views."""
-    return "plan" in batch and "images" in batch
+    return "plan" in batch and "shapes" in batch

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+_ORIENTATION = 0x0112  # EXIF tag
 _WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")  # more than 8 bits per pixel
 
 
@@ -36,7 +37,8 @@ def _eight_bit(img: Image.Image) -> Image.Image:
         peak = 65535.0 if img.mode.startswith("I") else 1.0
         arr = np.clip(np.round(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
         return Image.fromarray(arr, "L")
-    return img.convert("L" if img.mode in _GRAY_MODES else "RGB")
+    mode = "L" if img.mode in _GRAY_MODES else "RGB"
+    return img if img.mode == mode else img.convert(mode)
 
 
 def resize_image(data: bytes, short_side: int, quality: int) -> bytes | None:
@@ -48,7 +50,9 @@ def resize_image(data: bytes, short_side: int, quality: int) -> bytes | None:
         want = target_size(*img.size, short_side)
         img.draft(None, (want[0] * 2, want[1] * 2))  # JPEG: DCT-scaled decode, else no-op
         img.load()
-        img = _eight_bit(ImageOps.exif_transpose(img))
+        if img.getexif().get(_ORIENTATION, 1) != 1:  # (exif_transpose copies even when not)
+            img = ImageOps.exif_transpose(img)
+        img = _eight_bit(img)
     out = img.resize(target_size(*img.size, short_side), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     out.save(buf, "JPEG", quality=quality)

@@ -11,6 +11,7 @@ from torchvision.transforms import functional as TF
 
 from dist_ssl.data import device_augment as dev
 from dist_ssl.data.gpu_decode import render_batch
+from dist_ssl.data.gpu_payload import unpack_images
 from dist_ssl.data.loader import build_train_loader
 from dist_ssl.data.views import CropGroup, ViewSpec
 
@@ -115,7 +116,8 @@ def test_gpu_path_reproduces_cpu_views_on_device_cpu(photo_shards, policy):
     std = torch.tensor(spec.norm[1]).view(1, -1, 1, 1) * 255  # back to 0..255 levels
     diffs = []
     for n, (a, b) in enumerate(zip(cpu, gpu)):
-        assert "views" not in b and b["images"][0].ndim == 1  # encoded JPEG bytes shipped
+        assert "views" not in b and b["shapes"][:, 0].eq(0).all()  # encoded JPEGs shipped
+        assert b["images"].numel() == b["shapes"][:, 2].sum()  # in one buffer
         a, b = cpu.to_device(a, "cpu"), gpu.to_device(b, "cpu")
         assert torch.equal(a["index"], b["index"]) and torch.equal(a["label"], b["label"])
         for x, y in zip(a["views"], b["views"]):
@@ -134,7 +136,7 @@ def test_gpu_path_on_png_shards_ships_pixels(fmnist2k_shards):
     spec = ViewSpec([CropGroup(2, 16, (0.3, 1.0))], policy="dino", in_chans=1)
     cpu, gpu = _loaders(fmnist2k_shards, spec)
     a, b = next(iter(cpu)), next(iter(gpu))
-    assert b["images"][0].shape == (1, 28, 28)  # PNGs are decoded in the worker
+    assert unpack_images(b)[0].shape == (1, 28, 28)  # PNGs are decoded in the worker
     a, b = cpu.to_device(a, "cpu"), gpu.to_device(b, "cpu")
     for x, y in zip(a["views"], b["views"]):
         assert x.shape == y.shape == (16, 1, 16, 16)
@@ -146,9 +148,10 @@ def test_undecodable_jpeg_replaced_by_next_sample_of_the_batch(photo_shards):
     _, gpu = _loaders(photo_shards, spec)
     batch = next(iter(gpu))
     good = render_batch(batch, spec, torch.device("cpu"))
-    broken = dict(batch, images=list(batch["images"]))
-    data = broken["images"][3]
-    broken["images"][3] = torch.cat([data[:200], torch.zeros(100, dtype=torch.uint8)])
+    items = unpack_images(batch)
+    items[3] = torch.cat([items[3][:200], torch.zeros(100, dtype=torch.uint8)])
+    broken = dict(batch, images=torch.cat(items), shapes=batch["shapes"].clone())
+    broken["shapes"][3, 2] = 300
     out = render_batch(broken, spec, torch.device("cpu"))
     assert out["index"][3] == batch["index"][4] and out["label"][3] == batch["label"][4]
     assert torch.equal(out["views"][0][3], good["views"][0][4])
