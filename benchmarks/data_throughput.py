@@ -323,17 +323,19 @@ def report(a, n: int, loader: dict, writer: dict, tool_rates: dict) -> None:
         cores = [10.0 * c for c in r["cpu"]]  # 10,000 img/s x ms/img / 1000
         print(f"{name:10s} {_stat(r['rate']):>18s} {_stat(r['cpu'], '.2f'):>20s} "
               f"{_stat(per_core({name: r}, name)):>18s} {_stat(cores, '.1f'):>20s}")
-    print(ratio_row(loader, "resize", "tv", 3.0))
-    print(ratio_row(loader, "copy", "tv", 1.3))
-    print(ratio_row(loader, "resize", "copy", None))
-    if "gpu-wk" in loader:
-        print(ratio_row(loader, "gpu-wk", "tv", None) + "  (worker side only)")
-    print(ratio_row(writer, "shards", "cp", 0.8))
-    print(ratio_row(writer, "shards-rs", "cp", None))
-    print("make_shards' own rate (interpreter start excluded): " + " | ".join(
-        f"{k} {_stat(v[a.warmup:])} img/s" for k, v in tool_rates.items()))
-    print("first batch s: " + " | ".join(f"{k} {_stat(v['first'], '.2f')}"
-                                         for k, v in loader.items()))
+    if loader:
+        print(ratio_row(loader, "resize", "tv", 3.0))
+        print(ratio_row(loader, "copy", "tv", 1.3))
+        print(ratio_row(loader, "resize", "copy", None))
+        if "gpu-wk" in loader:
+            print(ratio_row(loader, "gpu-wk", "tv", None) + "  (worker side only)")
+        print("first batch s: " + " | ".join(f"{k} {_stat(v['first'], '.2f')}"
+                                             for k, v in loader.items()))
+    if writer:
+        print(ratio_row(writer, "shards", "cp", 0.8))
+        print(ratio_row(writer, "shards-rs", "cp", None))
+        print("make_shards' own rate (interpreter start excluded): " + " | ".join(
+            f"{k} {_stat(v[a.warmup:])} img/s" for k, v in tool_rates.items()))
 
 
 def bench_writers(a, work: Path, items, tool_rates: dict) -> dict:
@@ -428,6 +430,7 @@ def op_costs(n: int = 200) -> None:
     from PIL import ImageFilter
     from sklearn.datasets import load_sample_images
     from torchvision.transforms import functional as TF
+    from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as F2
     photo = Image.fromarray(load_sample_images().images[0])
     pil = photo.resize((112, 112), Image.Resampling.BICUBIC, box=(100, 50, 400, 350))
@@ -435,7 +438,8 @@ def op_costs(n: int = 200) -> None:
     box = (100, 50, 400, 350)
     pairs = {
         "resize": (lambda: photo.resize((112, 112), Image.Resampling.BICUBIC, box=box),
-                   lambda: F2.resized_crop(big, 50, 100, 300, 300, [112, 112], antialias=True)),
+                   lambda: F2.resized_crop(big, 50, 100, 300, 300, [112, 112], antialias=True,
+                                           interpolation=InterpolationMode.BICUBIC)),
         "brightness": (lambda: TF.adjust_brightness(pil, 1.3), lambda: F2.adjust_brightness(ten, 1.3)),
         "contrast": (lambda: TF.adjust_contrast(pil, 1.3), lambda: F2.adjust_contrast(ten, 1.3)),
         "saturation": (lambda: TF.adjust_saturation(pil, 1.3), lambda: F2.adjust_saturation(ten, 1.3)),
@@ -480,6 +484,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="evict the files a pass reads from the page cache before every pass")
     p.add_argument("--no-gpu-workers", action="store_true", help="skip the (g) gpu-wk row")
     p.add_argument("--photos", type=Path, default=None, help="more real JPEG photos to cut from")
+    p.add_argument("--only", choices=("writers", "loaders"), default=None,
+                   help="run one half (loaders still need the shards: writers run once, "
+                        "untimed)")
     p.add_argument("--profile", action="store_true",
                    help="then: per-step CPU costs and PIL vs tensor op costs")
     p.add_argument("--workdir", type=Path, default=None,
@@ -506,11 +513,18 @@ def main(argv=None) -> None:
               f"KiB each) from {len(photos)} photos ({', '.join(n for n, _ in photos)}) in "
               f"{time.perf_counter() - t0:.1f} s")
         tool_rates: dict = {}
-        writer = bench_writers(a, work, items, tool_rates)
-        if a.mp_context == "forkserver":  # what TrainLoader asks for, for all loaders
-            multiprocessing.get_context("forkserver").set_forkserver_preload(
-                ["__main__", "dist_ssl.data.loader"])
-        loader = bench_loaders(a, work)  # on the last writer passes' shards
+        if a.only == "loaders":  # make the shards once, untimed
+            a_once = argparse.Namespace(**{**vars(a), "rounds": 0, "warmup": 1})
+            bench_writers(a_once, work, items, tool_rates)
+            writer = {}
+        else:
+            writer = bench_writers(a, work, items, tool_rates)
+        loader = {}
+        if a.only != "writers":
+            if a.mp_context == "forkserver":  # what TrainLoader asks for, for all loaders
+                multiprocessing.get_context("forkserver").set_forkserver_preload(
+                    ["__main__", "dist_ssl.data.loader"])
+            loader = bench_loaders(a, work)  # on the last writer passes' shards
         report(a, len(items), loader, writer, tool_rates)
         if a.profile:
             stage_costs(work, [p for p, _ in items])
