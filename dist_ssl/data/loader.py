@@ -15,7 +15,7 @@ Decoding (``decode``, ``reduced_decode``): on the CPU, a sample's crop plans are
 header size first and the JPEG is decoded once at the smallest scale that serves every crop
 (:mod:`dist_ssl.data.reduced_decode`); ``decode="gpu"`` ships JPEG bytes + plans instead and the
 views are made on the device by ``loader.to_device`` (:mod:`dist_ssl.data.gpu_decode`; such
-batches hold "images" and "plan" instead of "views" until then).
+batches hold "images", "shapes" and "plan" instead of "views" until then).
 
 What an epoch is (ids, repeats, drops, equal batch counts per rank) is documented in
 :mod:`dist_ssl.data.stream_plan`. Batches are made inside DataLoader workers (``batch_size=None``);
@@ -53,9 +53,9 @@ from dist_ssl.data.augment import normalize, stack_views, view_rng
 from dist_ssl.data.decode import SKIPPED, SampleError, read_range
 from dist_ssl.data.device_views import batch_to_device
 from dist_ssl.data.manifest import load_manifest
+from dist_ssl.data.reduced_decode import decode_views
 from dist_ssl.data.stream_plan import (
     EpochPlan, buffer_permutation, epoch_rng, plan_epoch, plan_eval, worker_batches)
-from dist_ssl.data.reduced_decode import decode_views
 from dist_ssl.data.views import ViewSpec, eval_view_spec
 
 log = logging.getLogger(__name__)
