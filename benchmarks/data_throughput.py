@@ -1,47 +1,52 @@
-"""Images/s of the shard loader vs loose files, and of the shard writer vs a plain copy.
+"""Per-core images/s of IDMM's views: torchvision ImageFolder vs our loader on byte-copied and
+on ``--resize`` shards; the shard writer vs copying the same bytes.
 
-On the same real JPEGs (random crops of sklearn's two sample photos, seeded), the same
-decode + view transform (``dist_ssl.data.augment.make_views``, one 112 px SimCLR view) and
-the same batch size, DataLoader worker count and worker start method (``--mp-context``,
-default: the project loader's), this measures:
+Data: ~2,000 real photographs at ImageNet-like size (500x375 or 375x500, JPEG q90), cut with
+seeded random regions, scales and flips from the real photos found on this machine: the 12
+nature photographs of Debian's ``mate-backgrounds`` (``apt-get install mate-backgrounds``;
+skipped when absent), scikit-learn's two sample photos and matplotlib's ``grace_hopper.jpg``
+(``--photos DIR`` adds a folder of your own). No synthetic images.
 
-  loader  wds      ``dist_ssl.data.loader.build_train_loader`` over the shards
-          loose    a map-style Dataset reading the loose files + DataLoader(shuffle=True)
-          raw-wds  ``webdataset.WebDataset(...).shuffle(1000).map(...).batched(...)`` over
-                   the same shards (our loader's overhead vs plain webdataset)
-  writer  shards   ``python tools/make_shards.py write imagefolder:DIR OUT`` (end to end,
-                   interpreter start included; the tool's own rate is shown too)
-          copy     ``shutil.copyfile`` of every file into a fresh folder
+Views: IDMM's (Cao et al., 2022): 2 global + 4 local crops at 112 px, scales (0.14, 1) and
+(0.05, 0.4), the SimCLR policy (flip, colour jitter 0.8 p=0.8, grayscale p=0.2, blur p=0.5).
 
-Each timed pass covers every image once (the shard loader pads its epoch to whole batches:
-3008 of 3000; img/s counts delivered images). Warm-up rounds come first (loaders: the first
-``--warmup-batches`` batches; writers: a full pass) and are not timed. In each timed round
-every candidate runs once, in an order rotated per round, so load from other users of the
-machine hits all candidates alike. Reported: median img/s over rounds [min-max], the median
-of the per-round ratios [min-max], and CPU ms/img of all processes involved, which moves
-much less with others' load than wall time does (but does not see I/O waits).
+  loader (a) tv       torchvision ``ImageFolder`` + the transforms a user writes for this
+                      (RandomResizedCrop, RandomHorizontalFlip, RandomApply(ColorJitter),
+                      RandomGrayscale, RandomApply(GaussianBlur(11, (0.1, 2))), ToTensor,
+                      Normalize) per view, DataLoader(shuffle=True)
+         (b) copy     ``build_train_loader`` on byte-copied shards (``make_shards write``)
+         (c) resize   ``build_train_loader`` on ``make_shards write --resize 160`` shards
+         (g) gpu-wk   ``decode="gpu"`` on the byte-copied shards, worker side only: JPEG bytes
+                      + crop plans reach the main process; the device decode is NOT measured
+                      here (no GPU on this machine)
+  writer shards       ``python tools/make_shards.py write`` (end to end, interpreter start
+                      included; validation decode at 1/8 scale), copy or ``--resize 160``
+         copy         ``shutil.copyfile`` of every file into a fresh folder
 
-``--cold`` evicts the files a pass reads (loose files or shards; the writers' source files)
-from the page cache before every pass (``fsync`` then ``posix_fadvise(DONTNEED)``, no root
-needed; ``fincore`` confirms it). Without it everything is page-cached, which favours loose
-files. On a VM the host may still cache the disk, so "cold" here is milder than a real cold
-read from network or spinning storage.
+(b) and (c) batches are normalised with ``loader.to_device(batch, "cpu")`` in the main process
+(on a GPU node that is device work): every candidate ends with normalised float32 views.
+Same worker count, batch size and worker start method for all loaders. One warm-up round
+(loaders: ``--warmup-batches`` batches), then timed rounds running every candidate once in an
+order rotated per round. Reported: median img/s [min-max]; CPU ms per image of all processes
+involved (main, workers, forkserver, the tool's pool): per-core img/s = 1000 / (CPU ms/img),
+which moves much less with other users' load than wall time; ratios of per-core rates; and the
+CPU cores one GPU needs to be fed 10,000 img/s.
 
-    python benchmarks/data_throughput.py [--cold] [--classes 10 --per-class 300]
-        [--workers 2 --batch-size 64 --rounds 3] [--workdir DIR] [--profile]
+    python benchmarks/data_throughput.py [--per-class 200 --classes 10] [--workers 2]
+        [--batch-size 64 --rounds 3] [--resize-side 160] [--cold] [--profile] [--workdir DIR]
 
-``--profile`` adds per-step CPU costs (tar read, file read, decode, views, make_shards'
-validation decode, copyfile) and a cProfile of one in-process pass of each loader.
-Results and their reading: ``benchmarks/README.md``.
+``--profile`` adds per-step CPU costs in one process (decode at each reduction, the six views,
+the GPU path's worker step, validation decodes, copyfile) and PIL vs torchvision tensor ops per
+112 px view (why the CPU path renders with PIL). Results: ``benchmarks/README.md``.
 """
 from __future__ import annotations
 
 import argparse
-import cProfile
+import glob
 import inspect
+import io
 import multiprocessing
 import os
-import pstats
 import random
 import re
 import resource
@@ -55,34 +60,53 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from dist_ssl.data.augment import make_views, normalize, stack_views, view_rng
-from dist_ssl.data.decode import decode_sample
 from dist_ssl.data.loader import build_train_loader
 from dist_ssl.data.views import CropGroup, ViewSpec
 
 REPO = Path(__file__).resolve().parents[1]
 # The project loader's default worker start method; the baselines get the same one.
 _LOADER_MP = inspect.signature(build_train_loader).parameters["mp_context"].default
-SPEC = ViewSpec([CropGroup(1, 112, (0.14, 1.0))], policy="simclr")
+SPEC = ViewSpec([CropGroup(2, 112, (0.14, 1.0)), CropGroup(4, 112, (0.05, 0.4))],
+                policy="simclr")  # IDMM's defaults (methods/idmm.py)
+PHOTO_GLOBS = ("/usr/share/backgrounds/mate/nature/*.jpg",)
 
 
 # ---------------------------------------------------------------- data and cache control
-def make_images(root: Path, classes: int, per_class: int, seed: int,
-                lo: int = 160, hi: int = 400) -> list[tuple[Path, int]]:
-    """``classes`` folders of ``per_class`` JPEGs (q90): random crops lo..hi px, random flips."""
+def source_photos(extra: Path | None) -> list[tuple[str, Image.Image]]:
+    """Real photographs to cut from: Debian's mate-backgrounds nature set if installed,
+    scikit-learn's and matplotlib's sample photos, and ``extra``'s JPEGs."""
     from sklearn.datasets import load_sample_images
-    photos = [Image.fromarray(a) for a in load_sample_images().images]  # 2 x 427x640 RGB
+    paths = sorted(p for g in PHOTO_GLOBS for p in glob.glob(g))
+    import matplotlib
+    paths.append(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg"))
+    if extra is not None:
+        paths += sorted(str(p) for p in extra.rglob("*.jp*g"))
+    photos = [(os.path.basename(p), Image.open(p).convert("RGB")) for p in paths
+              if os.path.isfile(p)]
+    sk = load_sample_images()
+    photos += [(os.path.basename(f), Image.fromarray(a)) for f, a in zip(sk.filenames, sk.images)]
+    return photos
+
+
+def make_images(root: Path, photos, classes: int, per_class: int,
+                seed: int) -> list[tuple[Path, int]]:
+    """``classes`` folders of ``per_class`` JPEGs (q90) of 500x375 (1 in 4: 375x500): seeded
+    random 4:3 regions (40-100 % of the largest that fits) of random photos, random flips."""
     rng, items = random.Random(seed), []
     for c in range(classes):
         folder = root / f"class_{c:03d}"
         folder.mkdir(parents=True)
         for i in range(per_class):
-            src = rng.choice(photos)
-            w, h = rng.randint(lo, min(hi, src.width)), rng.randint(lo, min(hi, src.height))
-            x, y = rng.randint(0, src.width - w), rng.randint(0, src.height - h)
-            img = src.crop((x, y, x + w, y + h))
+            _, src = rng.choice(photos)
+            out = (375, 500) if rng.random() < 0.25 else (500, 375)
+            aspect = out[0] / out[1]
+            w_max = min(src.width, src.height * aspect)
+            w = rng.uniform(0.4, 1.0) * w_max
+            h = w / aspect
+            x, y = rng.uniform(0, src.width - w), rng.uniform(0, src.height - h)
+            img = src.resize(out, Image.Resampling.LANCZOS, box=(x, y, x + w, y + h))
             if rng.random() < 0.5:
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             path = folder / f"{c:03d}_{i:05d}.jpg"
@@ -111,42 +135,34 @@ def resident_bytes(paths) -> int | None:
     return sum(int(x) for x in out.stdout.split())
 
 
-# ---------------------------------------------------------------- the three loaders
-def collate(items) -> dict:
-    """(views, label, idx) tuples -> a batch dict with uint8 views, as the loader's workers
-    send it (``ShardStream._collate``); :func:`_drain` normalises it in the main process."""
-    return {"index": torch.tensor([it[2] for it in items], dtype=torch.long),
-            "label": torch.tensor([it[1] for it in items], dtype=torch.long),
-            "views": [stack_views([it[0][v] for it in items]) for v in range(SPEC.num_views)]}
 
 
-class LooseFiles(Dataset):
-    """Map-style dataset over loose image files; per-image work identical to the loader's."""
+# ---------------------------------------------------------------- the loaders
+def torchvision_transform(spec: ViewSpec):
+    """What a user writes with torchvision for these views: one Compose per crop group."""
+    from torchvision import transforms as T
+    mean, std = spec.norm
 
-    def __init__(self, items: list[tuple[Path, int]], spec: ViewSpec, seed: int):
-        self.items, self.spec, self.seed, self.epoch = items, spec, seed, 0
+    def group(g: CropGroup):
+        return T.Compose([
+            T.RandomResizedCrop(g.size, scale=g.scale),
+            T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([T.GaussianBlur(11, sigma=(0.1, 2.0))], p=0.5),  # 10 % of 112, odd
+            T.ToTensor(), T.Normalize(mean, std)])
 
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        path, label = self.items[i]
-        with Image.open(path) as img:
-            img.load()
-        rngs = [view_rng(self.seed, self.epoch, i, 0, v) for v in range(self.spec.num_views)]
-        return make_views(img, self.spec, rngs), label, i
+    return MultiView([group(g) for g in spec.view_groups])
 
 
-class RawDecode:
-    """webdataset map function: tar sample dict -> (views, label, idx), as the loader does."""
+class MultiView:
+    """One transform per view (picklable, for the forkserver workers)."""
 
-    def __init__(self, spec: ViewSpec, seed: int):
-        self.spec, self.seed, self.epoch = spec, seed, 0
+    def __init__(self, per_view):
+        self.per_view = per_view
 
-    def __call__(self, sample):
-        img, label, idx = decode_sample(sample)
-        rngs = [view_rng(self.seed, self.epoch, idx, 0, v) for v in range(self.spec.num_views)]
-        return make_views(img, self.spec, rngs), label, idx
+    def __call__(self, img):
+        return [t(img) for t in self.per_view]
 
 
 def _worker_kwargs(workers: int, mp_context: str | None) -> dict:
@@ -157,59 +173,46 @@ def _worker_kwargs(workers: int, mp_context: str | None) -> dict:
             "multiprocessing_context": multiprocessing.get_context(mp_context)}
 
 
-def _drain(loader, normalise: bool, limit: int | None) -> tuple[int, float, float]:
+def _drain(loader, finish, limit: int | None) -> tuple[int, float, float]:
     """(images, seconds, seconds to the first batch) of one pass, or of its first ``limit``
-    batches. Worker start-up is included (workers start every epoch). ``normalise``: uint8 ->
-    float in this process, as ``TrainLoader`` does by default.
-    """
-    t0, n, first, (mean, std) = time.perf_counter(), 0, None, SPEC.norm
+    batches; ``finish(batch)`` is the main process's last step. Worker start-up included."""
+    t0, n, first = time.perf_counter(), 0, None
     for i, batch in enumerate(loader):
-        views = [normalize(v, mean, std) for v in batch["views"]] if normalise else batch["views"]
-        n += views[0].shape[0]
+        batch = finish(batch)
+        n += len(batch["index"] if isinstance(batch, dict) else batch[1])
         first = first or time.perf_counter() - t0
         if limit is not None and i + 1 >= limit:
             break
     return n, time.perf_counter() - t0, first
 
 
-def loose_pass(items, batch_size: int, workers: int, mp_context, seed: int, epoch: int,
-               limit=None):
-    ds = LooseFiles(items, SPEC, seed)
-    ds.epoch = epoch
+def tv_pass(folder: Path, batch_size: int, workers: int, mp_context, seed: int, epoch: int,
+            limit=None):
+    from torchvision.datasets import ImageFolder
+    torch.manual_seed(seed + epoch)  # torchvision's transforms draw from the global RNGs
+    ds = ImageFolder(str(folder), transform=torchvision_transform(SPEC))
     loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
                         generator=torch.Generator().manual_seed(seed + epoch),
-                        collate_fn=collate, **_worker_kwargs(workers, mp_context))
-    return _drain(loader, True, limit)
-
-
-def wds_pass(shard_dir: Path, batch_size: int, workers: int, mp_context, seed: int,
-             epoch: int, limit=None):
-    loader = build_train_loader(shard_dir, SPEC, batch_size, rank=0, world_size=1,
-                                num_workers=workers, seed=seed, mp_context=mp_context)
-    loader.set_epoch(epoch)
-    return _drain(loader, False, limit)  # TrainLoader normalises (uint8_views=False)
-
-
-def raw_wds_pass(shards: list[Path], batch_size: int, workers: int, mp_context, seed: int,
-                 epoch: int, limit=None):
-    import webdataset as wds
-    fn = RawDecode(SPEC, seed)
-    fn.epoch = epoch
-    ds = (wds.WebDataset([str(p) for p in shards], shardshuffle=len(shards),
-                         seed=seed + epoch, empty_check=False)
-          .shuffle(1000).map(fn)
-          .batched(batch_size, collation_fn=collate))
-    loader = DataLoader(ds, batch_size=None, num_workers=workers,
                         **_worker_kwargs(workers, mp_context))
-    return _drain(loader, True, limit)
+    return _drain(loader, lambda b: b, limit)
 
 
-# ---------------------------------------------------------------- the two writers
-def shard_pass(loose: Path, out: Path, sps: int, workers: int, tool_rates: list):
+def ours_pass(shard_dir: Path, batch_size: int, workers: int, mp_context, seed: int,
+              epoch: int, limit=None, decode: str = "cpu"):
+    loader = build_train_loader(shard_dir, SPEC, batch_size, num_workers=workers, seed=seed,
+                                mp_context=mp_context, uint8_views=True, decode=decode)
+    loader.set_epoch(epoch)
+    if decode == "gpu":  # the device half is not measured here
+        return _drain(loader, lambda b: b, limit)
+    return _drain(loader, lambda b: loader.to_device(b, "cpu"), limit)
+
+
+# ---------------------------------------------------------------- the writers
+def shard_pass(loose: Path, out: Path, sps: int, workers: int, extra: list, tool_rates: list):
     """The sharding CLI end to end into ``out`` (made empty before); records the tool's rate."""
     cmd = [sys.executable, str(REPO / "tools" / "make_shards.py"), "-q", "write",
            f"imagefolder:{loose}", str(out), "--samples-per-shard", str(sps),
-           "--workers", str(workers)]
+           "--workers", str(workers), *extra]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True)
     dt = time.perf_counter() - t0
@@ -232,7 +235,6 @@ def copy_pass(files: list[Path], loose: Path, out: Path):
     return len(files), time.perf_counter() - t0, None
 
 
-# ---------------------------------------------------------------- measuring and reporting
 def run_rounds(cands: dict, reads: dict, a, before: dict | None = None) -> dict:
     """{name: {"rate": img/s, "first": s to first batch, "cpu": CPU ms/img}} per timed round.
 
@@ -296,132 +298,201 @@ def _stat(xs: list[float], fmt: str = ".0f") -> str:
     return f"{statistics.median(xs):{fmt}} [{min(xs):{fmt}}-{max(xs):{fmt}}]"
 
 
-def table_row(kind: str, res: dict, a: str, b: str, target: float | None) -> str:
-    ratios = [x / y for x, y in zip(res[a]["rate"], res[b]["rate"])]  # paired: same round
-    row = (f"{kind:6s} {a:6s} {_stat(res[a]['rate']):>16s} img/s | {b:7s} "
-           f"{_stat(res[b]['rate']):>16s} img/s | ratio {a}/{b} {_stat(ratios, '.2f')}")
+def per_core(res: dict, name: str) -> list[float]:
+    return [1000.0 / c for c in res[name]["cpu"]]
+
+
+def ratio_row(res: dict, a: str, b: str, target: float | None) -> str:
+    """Per-core (CPU-time) and wall-clock ratios a/b, paired by round."""
+    cpu = [x / y for x, y in zip(per_core(res, a), per_core(res, b))]
+    wall = [x / y for x, y in zip(res[a]["rate"], res[b]["rate"])]
+    row = (f"{a}/{b}: per core {_stat(cpu, '.2f')}, wall {_stat(wall, '.2f')}")
     if target is not None:
-        met = statistics.median(ratios) >= target
-        row += f"  (target >= {target}: {'met' if met else 'NOT met'})"
+        met = statistics.median(cpu) >= target
+        row += f"  (target >= {target} per core: {'met' if met else 'NOT met'})"
     return row
 
 
-def stage_costs(work: Path, files: list[Path], n: int = 500) -> None:
+def report(a, n: int, loader: dict, writer: dict, tool_rates: dict) -> None:
+    print(f"\n=== {n} JPEGs, {a.workers} workers, batch {a.batch_size}, "
+          f"{'COLD (evicted before every pass)' if a.cold else 'warm'} page cache; "
+          f"median [min-max] of {a.rounds} rounds; load average now {os.getloadavg()[0]:.2f} ===")
+    print(f"{'':10s} {'wall img/s':>18s} {'cpu ms/img':>20s} {'per-core img/s':>18s} "
+          f"{'cores for 10k img/s':>20s}")
+    for name, r in {**loader, **writer}.items():
+        cores = [10.0 * c for c in r["cpu"]]  # 10,000 img/s x ms/img / 1000
+        print(f"{name:10s} {_stat(r['rate']):>18s} {_stat(r['cpu'], '.2f'):>20s} "
+              f"{_stat(per_core({name: r}, name)):>18s} {_stat(cores, '.1f'):>20s}")
+    if loader:
+        print(ratio_row(loader, "resize", "tv", 3.0))
+        print(ratio_row(loader, "copy", "tv", 1.3))
+        print(ratio_row(loader, "resize", "copy", None))
+        if "gpu-wk" in loader:
+            print(ratio_row(loader, "gpu-wk", "tv", None) + "  (worker side only)")
+        print("first batch s: " + " | ".join(f"{k} {_stat(v['first'], '.2f')}"
+                                             for k, v in loader.items()))
+    if writer:
+        print(ratio_row(writer, "shards", "cp", 0.8))
+        print(ratio_row(writer, "shards-rs", "cp", None))
+        print("make_shards' own rate (interpreter start excluded): " + " | ".join(
+            f"{k} {_stat(v[a.warmup:])} img/s" for k, v in tool_rates.items()))
+
+
+def bench_writers(a, work: Path, items, tool_rates: dict) -> dict:
+    loose, files = work / "loose", [p for p, _ in items]
+    resize = ["--resize", str(a.resize_side)]
+    tool_rates.update({"shards": [], "shards-rs": []})
+    cands = {"shards": lambda r, _: shard_pass(loose, work / "shards", a.samples_per_shard,
+                                               a.workers, [], tool_rates["shards"]),
+             "shards-rs": lambda r, _: shard_pass(loose, work / "resized", a.samples_per_shard,
+                                                  a.workers, resize, tool_rates["shards-rs"]),
+             "cp": lambda r, _: copy_pass(files, loose, work / "copy")}
+    print(f"\nwriter: make_shards --workers {a.workers} (bytes copied / --resize "
+          f"{a.resize_side}) vs shutil.copyfile (1 process)")
+    reads = {k: (lambda: files) for k in cands}
+    dirs = {"shards": "shards", "shards-rs": "resized", "cp": "copy"}
+    before = {k: (lambda k=k: shutil.rmtree(work / dirs[k], ignore_errors=True)) for k in cands}
+    return run_rounds(cands, reads, a, before)
+
+
+def bench_loaders(a, work: Path) -> dict:
+    kw = {"batch_size": a.batch_size, "workers": a.workers, "seed": a.seed,
+          "mp_context": a.mp_context}
+    cands = {"tv": lambda r, lim: tv_pass(work / "loose", epoch=r, limit=lim, **kw),
+             "copy": lambda r, lim: ours_pass(work / "shards", epoch=r, limit=lim, **kw),
+             "resize": lambda r, lim: ours_pass(work / "resized", epoch=r, limit=lim, **kw)}
+    if not a.no_gpu_workers:
+        cands["gpu-wk"] = lambda r, lim: ours_pass(work / "shards", epoch=r, limit=lim,
+                                                   decode="gpu", **kw)
+    files = sorted((work / "loose").rglob("*.jpg"))
+    reads = {"tv": lambda: files, "copy": lambda: sorted((work / "shards").glob("*.tar")),
+             "resize": lambda: sorted((work / "resized").glob("*.tar")),
+             "gpu-wk": lambda: sorted((work / "shards").glob("*.tar"))}
+    print(f"\nloader: {a.workers} workers ({a.mp_context}), batch {a.batch_size}, IDMM views "
+          f"(2x112 (0.14, 1) + 4x112 (0.05, 0.4), simclr); warm-up passes stop after "
+          f"{a.warmup_batches or 'all'} batches")
+    return run_rounds(cands, reads, a)
+
+
+def stage_costs(work: Path, files: list[Path], n: int = 200) -> None:
     """CPU microseconds per image of each step in this process (page-cached; process_time, so
     other users' load hardly matters), over the first ``n`` images."""
-    from dist_ssl.data.decode import read_range
+    from dist_ssl.data import gpu_payload
+    from dist_ssl.data.augment import render_views, view_rng
+    from dist_ssl.data.crop_plan import max_reduction, plan_views
+    from dist_ssl.data.decode import load_image, open_sample
     from dist_ssl.data.images import probe_image
-    from dist_ssl.data.manifest import load_manifest
-    shards = load_manifest(work / "shards").shards
+    from dist_ssl.data.shard_resize import resize_image
     (work / "stage_copy").mkdir()
-    files, cost = files[:n], {}
+    raws = [{"__key__": str(i), "jpg": p.read_bytes(), "cls": b"0", "idx": str(i).encode()}
+            for i, p in enumerate(files[:n])]
+    small = [dict(r, jpg=resize_image(r["jpg"], 160, 90)) for r in raws]
+    cost, reductions = {}, []
 
-    def timed(name, fn, count):
+    def timed(name, fn, samples):
         t0 = time.process_time()
-        out = fn()
-        cost[name] = (time.process_time() - t0) / count * 1e6
-        return out
+        for i, s in enumerate(samples):
+            fn(i, s)
+        cost[name] = (time.process_time() - t0) / len(samples) * 1e6
 
-    k = max(1, -(-n // shards[0].num_samples))  # whole shards, as the loader reads them
-    tars = [(work / "shards" / s.name, s.num_samples) for s in shards[:k]]
-    raws = timed("tar", lambda: [r for p, c in tars for r in read_range(p, 0, c, lambda i: True)],
-                 sum(c for _, c in tars))[:n]
-    timed("loose", lambda: [p.read_bytes() for p in files], len(files))
-    imgs = timed("decode", lambda: [decode_sample(r)[0] for r in raws], len(raws))
-    timed("views", lambda: [make_views(im, SPEC, [view_rng(0, 0, i, 0, 0)])
-                            for i, im in enumerate(imgs)], len(imgs))
-    timed("probe", lambda: [probe_image(p) for p in files], len(files))
-    timed("copy", lambda: [shutil.copyfile(p, work / "stage_copy" / f"{i}.jpg")
-                           for i, p in enumerate(files)], len(files))
-    print("\nper-image CPU cost, one process, page-cached (us): "
-          f"tar read {cost['tar']:.0f} | loose read {cost['loose']:.0f} | decode "
-          f"{cost['decode']:.0f} | views {cost['views']:.0f} || make_shards validation decode "
-          f"{cost['probe']:.0f} | copyfile {cost['copy']:.0f}")
+    def rngs(i):
+        return [view_rng(0, 0, i, 0, v) for v in range(SPEC.num_views)]
+
+    def views(i, s, reduced=True):
+        o = open_sample(s)
+        plans = plan_views(*o.image.size, SPEC, rngs(i))
+        r = max_reduction(plans) if reduced else 1
+        reductions.append(r)
+        img, scale = load_image(o, r)
+        render_views(img, SPEC, plans, scale)
+
+    for r in (1, 2, 4, 8):
+        timed(f"decode 1/{r}", lambda i, s: load_image(open_sample(s), r), raws)
+    timed("decode 160px", lambda i, s: load_image(open_sample(s), 1), small)
+    timed("views full", lambda i, s: views(i, s, False), raws)
+    reductions.clear()
+    timed("views reduced", views, raws)
+    share = sum(r > 1 for r in reductions) / len(reductions)
+    timed("views 160px", views, small)
+    timed("gpu worker", lambda i, s: gpu_payload.prepare(s, SPEC, rngs), raws)
+    timed("probe 1/8", lambda i, s: probe_image(files[i]), raws)
+    timed("copyfile", lambda i, s: shutil.copyfile(files[i], work / "stage_copy" / f"{i}.jpg"),
+          raws)
+    print(f"\nper-image CPU cost, one process, page-cached, {len(raws)} images (us):")
+    print("  " + " | ".join(f"{k} {v:.0f}" for k, v in cost.items()))
+    print(f"  ({share:.0%} of the 500x375 samples decode reduced for IDMM's views: the smallest "
+          f"local crop decides)")
 
 
-def profile_in_process(name: str, run, top: int) -> None:
-    """cProfile one pass with workers=0 (all work in this process), top functions by tottime."""
-    prof = cProfile.Profile()
-    prof.enable()
-    n, dt, _ = run()
-    prof.disable()
-    print(f"\n--- profile {name}: {n} img in {dt:.2f} s in-process ({n / dt:.0f} img/s, "
-          f"profiler overhead included) ---")
-    pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(top)
+def op_costs(n: int = 200) -> None:
+    """PIL vs torchvision tensor ops on one 112 px uint8 view, CPU us per call (one thread)."""
+    import numpy as np
+    from PIL import ImageFilter
+    from sklearn.datasets import load_sample_images
+    from torchvision.transforms import functional as TF
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F2
+    photo = Image.fromarray(load_sample_images().images[0])
+    pil = photo.resize((112, 112), Image.Resampling.BICUBIC, box=(100, 50, 400, 350))
+    ten = torch.from_numpy(np.ascontiguousarray(np.asarray(pil).transpose(2, 0, 1)))
+    box = (100, 50, 400, 350)
+    pairs = {
+        "resize": (lambda: photo.resize((112, 112), Image.Resampling.BICUBIC, box=box),
+                   lambda: F2.resized_crop(big, 50, 100, 300, 300, [112, 112], antialias=True,
+                                           interpolation=InterpolationMode.BICUBIC)),
+        "brightness": (lambda: TF.adjust_brightness(pil, 1.3), lambda: F2.adjust_brightness(ten, 1.3)),
+        "contrast": (lambda: TF.adjust_contrast(pil, 1.3), lambda: F2.adjust_contrast(ten, 1.3)),
+        "saturation": (lambda: TF.adjust_saturation(pil, 1.3), lambda: F2.adjust_saturation(ten, 1.3)),
+        "hue": (lambda: TF.adjust_hue(pil, 0.1), lambda: F2.adjust_hue(ten, 0.1)),
+        "blur": (lambda: pil.filter(ImageFilter.GaussianBlur(1.0)),
+                 lambda: F2.gaussian_blur(ten, [11, 11], [1.0, 1.0])),
+    }
+    big = torch.from_numpy(np.ascontiguousarray(np.asarray(photo).transpose(2, 0, 1)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    print("\nper-op CPU cost on a 112 px view, one thread (us): PIL uint8 vs torchvision uint8 "
+          "tensor")
+    for name, (p, t) in pairs.items():
+        times = []
+        for fn in (p, t):
+            fn()
+            t0 = time.process_time()
+            for _ in range(n):
+                fn()
+            times.append((time.process_time() - t0) / n * 1e6)
+        print(f"  {name:10s} PIL {times[0]:6.0f} | tensor {times[1]:6.0f} | "
+              f"tensor/PIL {times[1] / times[0]:.2f}")
+    torch.set_num_threads(threads)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--per-class", type=int, default=300)
+    p.add_argument("--per-class", type=int, default=200)
     p.add_argument("--workers", type=int, default=2, help="DataLoader and make_shards workers")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--samples-per-shard", type=int, default=250)
+    p.add_argument("--resize-side", type=int, default=160, help="make_shards --resize of (c)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (each runs every candidate)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    p.add_argument("--warmup-batches", type=int, default=8,
+    p.add_argument("--warmup-batches", type=int, default=4,
                    help="loader batches per warm-up pass (0: a full pass); writers do full ones")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mp-context", default=_LOADER_MP, choices=("fork", "forkserver", "spawn"),
-                   help="worker start method of all three loaders (default: the project "
-                        f"loader's, {_LOADER_MP})")
+                   help=f"worker start method of all loaders (default: ours, {_LOADER_MP})")
     p.add_argument("--cold", action="store_true",
                    help="evict the files a pass reads from the page cache before every pass")
-    p.add_argument("--no-raw-wds", action="store_true", help="skip the plain webdataset row")
+    p.add_argument("--no-gpu-workers", action="store_true", help="skip the (g) gpu-wk row")
+    p.add_argument("--photos", type=Path, default=None, help="more real JPEG photos to cut from")
+    p.add_argument("--only", choices=("writers", "loaders"), default=None,
+                   help="run one half (loaders still need the shards: writers run once, "
+                        "untimed)")
     p.add_argument("--profile", action="store_true",
-                   help="then: per-stage costs and a cProfile of one in-process pass per loader")
+                   help="then: per-step CPU costs and PIL vs tensor op costs")
     p.add_argument("--workdir", type=Path, default=None,
                    help="parent folder for all files (default: the system temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the generated files")
     return p
-
-
-def bench_writers(a, work: Path, items, tool_rates: list) -> dict:
-    loose, files = work / "loose", [p for p, _ in items]
-    cands = {"shards": lambda r, _: shard_pass(loose, work / "shards", a.samples_per_shard,
-                                               a.workers, tool_rates),
-             "copy": lambda r, _: copy_pass(files, loose, work / "copy")}
-    print(f"\nwriter: make_shards --workers {a.workers} vs shutil.copyfile (1 process)")
-    reads = {"shards": lambda: files, "copy": lambda: files}
-    before = {k: (lambda k=k: shutil.rmtree(work / k, ignore_errors=True)) for k in cands}
-    return run_rounds(cands, reads, a, before)
-
-
-def bench_loaders(a, shard_dir: Path, items) -> dict:
-    shards, files = sorted(shard_dir.glob("shard-*.tar")), [p for p, _ in items]
-    kw = {"batch_size": a.batch_size, "workers": a.workers, "seed": a.seed,
-          "mp_context": a.mp_context}
-    cands = {"wds": lambda r, lim: wds_pass(shard_dir, epoch=r, limit=lim, **kw),
-             "loose": lambda r, lim: loose_pass(items, epoch=r, limit=lim, **kw)}
-    if not a.no_raw_wds:
-        cands["raw-wds"] = lambda r, lim: raw_wds_pass(shards, epoch=r, limit=lim, **kw)
-    reads = {"wds": lambda: shards, "loose": lambda: files, "raw-wds": lambda: shards}
-    if a.cold:
-        evict(files + shards)
-        print(f"\npage cache after eviction: {resident_bytes(files + shards)} of "
-              f"{sum(p.stat().st_size for p in files + shards)} bytes resident (fincore)")
-    g = SPEC.groups[0]
-    print(f"\nloader: {a.workers} workers ({a.mp_context}), batch {a.batch_size}, "
-          f"{SPEC.policy} {g.count}x{g.size}px scale {g.scale}; "
-          f"warm-up passes stop after {a.warmup_batches or 'all'} batches")
-    return run_rounds(cands, reads, a)
-
-
-def report(a, n: int, loader: dict, writer: dict, tool_rates: list) -> None:
-    print(f"\n=== {n} JPEGs, {a.workers} workers, batch {a.batch_size}, "
-          f"{'COLD (evicted before every pass)' if a.cold else 'warm'} page cache; "
-          f"median [min-max] of {a.rounds} rounds; ratio = median of per-round ratios ===")
-    print(table_row("loader", loader, "wds", "loose", 1.5))
-    if not a.no_raw_wds:
-        print(table_row("loader", loader, "wds", "raw-wds", None))
-    print(table_row("writer", writer, "shards", "copy", 1.0))
-    both = {**loader, **writer}
-    print("cpu ms/img (all processes): " + " | ".join(
-        f"{k} {_stat(v['cpu'], '.2f')}" for k, v in both.items()))
-    print("first batch s: " + " | ".join(f"{k} {_stat(v['first'], '.2f')}"
-                                         for k, v in loader.items()))
-    print(f"make_shards' own rate (interpreter start excluded): "
-          f"{_stat(tool_rates[a.warmup:])} img/s; load average now {os.getloadavg()[0]:.2f}")
 
 
 def main(argv=None) -> None:
@@ -435,23 +506,29 @@ def main(argv=None) -> None:
         print(f"workdir {work}; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} "
               f"cpus; torch {torch.__version__}")
         t0 = time.perf_counter()
-        items = make_images(work / "loose", a.classes, a.per_class, a.seed)
+        photos = source_photos(a.photos)
+        items = make_images(work / "loose", photos, a.classes, a.per_class, a.seed)
         size = sum(p.stat().st_size for p, _ in items)
         print(f"made {len(items)} JPEGs ({size / 2**20:.1f} MiB, {size / len(items) / 1024:.1f} "
-              f"KiB each) in {time.perf_counter() - t0:.1f} s")
-        tool_rates = []
-        writer = bench_writers(a, work, items, tool_rates)
-        if a.mp_context == "forkserver":  # what TrainLoader asks for, for all three loaders
-            multiprocessing.get_context("forkserver").set_forkserver_preload(
-                ["__main__", "dist_ssl.data.loader"])
-        loader = bench_loaders(a, work / "shards", items)  # the last writer pass's shards
+              f"KiB each) from {len(photos)} photos ({', '.join(n for n, _ in photos)}) in "
+              f"{time.perf_counter() - t0:.1f} s")
+        tool_rates: dict = {}
+        if a.only == "loaders":  # make the shards once, untimed
+            a_once = argparse.Namespace(**{**vars(a), "rounds": 0, "warmup": 1})
+            bench_writers(a_once, work, items, tool_rates)
+            writer = {}
+        else:
+            writer = bench_writers(a, work, items, tool_rates)
+        loader = {}
+        if a.only != "writers":
+            if a.mp_context == "forkserver":  # what TrainLoader asks for, for all loaders
+                multiprocessing.get_context("forkserver").set_forkserver_preload(
+                    ["__main__", "dist_ssl.data.loader"])
+            loader = bench_loaders(a, work)  # on the last writer passes' shards
         report(a, len(items), loader, writer, tool_rates)
         if a.profile:
             stage_costs(work, [p for p, _ in items])
-            kw = {"batch_size": a.batch_size, "workers": 0, "mp_context": None, "seed": a.seed,
-                  "epoch": 0}
-            profile_in_process("wds", lambda: wds_pass(work / "shards", **kw), 12)
-            profile_in_process("loose", lambda: loose_pass(items, **kw), 12)
+            op_costs()
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -40,6 +40,10 @@ class InMemoryLoader:
     def __iter__(self):
         return iter(self.batches[getattr(self, "start", 0):])
 
+    def to_device(self, batch, device, dtype=None):  # views are made float already
+        return {k: [v.to(device, dtype=dtype) for v in x] if k == "views" else x.to(device)
+                for k, x in batch.items()}
+
 
 def make_batches(n, batch, size, in_chans, classes, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -67,3 +67,42 @@ def no_network(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def make_photo_folder(root: Path, classes: int = 3, per_class: int = 32, seed: int = 0,
+                      sizes: tuple[int, int] = (150, 300)) -> Path:
+    """An image folder of real JPEG photos (q90): seeded crops, scalings and flips of
+    scikit-learn's two sample photographs (427x640), sides in ``sizes``."""
+    import random
+
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
+    rng = random.Random(seed)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            src = photos[(c + i) % 2]
+            w, h = rng.randint(200, src.width), rng.randint(150, src.height)
+            x, y = rng.randint(0, src.width - w), rng.randint(0, src.height - h)
+            side = rng.randint(*sizes)
+            img = src.crop((x, y, x + w, y + h))
+            img = img.resize((side, max(1, round(side * h / w))) if w >= h
+                             else (max(1, round(side * w / h)), side), Image.Resampling.LANCZOS)
+            if rng.random() < 0.5:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            img.save(root / f"class{c}" / f"{i:03d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="session")
+def photo_shards(tmp_path_factory) -> Path:
+    """96 real JPEG photos (150-300 px longer side, 3 classes) in 3 shards of 32. Read-only."""
+    from dist_ssl.data.shard_writer import write_dataset
+
+    base = tmp_path_factory.mktemp("photos")
+    out = base / "shards"
+    write_dataset(f"imagefolder:{make_photo_folder(base / 'photos')}", out,
+                  samples_per_shard=32, seed=0)
+    return out

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 from dist_ssl.config.registry import register_section
 from dist_ssl.config.schema import doc
@@ -14,6 +14,13 @@ class DataConfig:
     val: Optional[str] = doc(None, "evaluation shard directory; empty = no evaluation")
     num_workers: int = doc(2, "DataLoader worker processes per rank")
     drop_last: bool = doc(False, "drop the epoch's last partial global batch instead of padding it")
+    decode: Literal["cpu", "gpu"] = doc("cpu", "where training JPEGs are decoded and augmented: cpu = "
+                                        "DataLoader workers; gpu = workers ship bytes + crop plans, "
+                                        "the training device decodes (torchvision.io.decode_jpeg)")
+    reduced_decode: bool = doc(True, "cpu decode: decode a JPEG at 1/2, 1/4 or 1/8 scale when every "
+                               "crop of the sample stays at or above its output size")
+    pin_memory: bool = doc(True, "pin batches in page-locked memory when training on CUDA")
+    non_blocking: bool = doc(True, "asynchronous host-to-device copies of batches")
 
     def validate(self) -> None:
         if self.num_workers < 0:

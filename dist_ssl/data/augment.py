@@ -1,129 +1,74 @@
-"""Augmentation policies on PIL images with an explicit per-view RNG.
+"""Rendering planned views with PIL: crop + resize, flip, colour ops, blur, solarize.
 
-Every random choice is drawn from a ``random.Random`` passed in by the caller (the loader
-seeds it with :func:`view_rng` from (seed, epoch, id, repeat, view)), never from a global RNG
-stream: the views of a sample do not depend on which worker made them or on what came before,
-which is what makes a mid-epoch resume bit-identical. (``random.Random`` seeds in ~6 us and
-draws in ~0.1 us; numpy's Generator is 5-20x slower for such scalar draws.) Pixel ops are PIL's,
-fast on CPU for 8-bit images; views leave as uint8 [C, H, W] and are normalised batch-wise.
+The random draws live in :mod:`crop_plan` (``plan_views``); this module only applies a plan
+to a decoded image, so the same plan gives the same view whether the image was decoded at full
+size or at 1/r scale (then the box is cut in the reduced image's coordinates, see
+:mod:`reduced_decode`). Views leave as uint8 [C, H, W]: workers send uint8 (a quarter of the
+shared-memory traffic of float32) and batches are normalised where they are used, on the
+training device (:mod:`device_views`).
 
-Policies (``ViewSpec.policy``):
-
-- ``simclr`` (Chen et al., 2020): random resized crop, flip, colour jitter (0.8, 0.8, 0.8, 0.2)
-  with p=0.8, grayscale p=0.2, Gaussian blur p=0.5.
-- ``dino`` (Caron et al., 2021): as BYOL/DINO: jitter (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale
-  p=0.2, blur p=1.0 and solarize p=0 unless a CropGroup overrides them (DINO: 1.0 / 0.1+0.2 /
-  0.5 for global 1 / global 2 / local crops).
-- ``supervised`` / ``deit``: random resized crop + flip only (RandAugment, random erasing and
-  mixing belong to the engine; a timm PIL transform can be hooked via ``ViewSpec.hook``).
-- ``eval``: resize the shorter side to ``floor(size / crop_pct)`` then center crop ``size``.
+Why PIL and not torchvision's tensor ops here: per 112 px view on one core (measured, see
+benchmarks/README.md) PIL's brightness/contrast/saturation/hue/blur on uint8 images were each
+1.3-2.5x cheaper than the same torchvision ops on uint8 tensors, and PIL's antialiased resize
+from a cropped box avoids materialising the crop. The tensor versions are what the GPU-decode
+path uses on the device (:mod:`device_augment`).
 """
 from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageFilter
 from torchvision.transforms import functional as TF
 
-from dist_ssl.data.views import CropGroup, ViewSpec
+from dist_ssl.data.crop_plan import (  # noqa: F401 - re-exported: the historical import place
+    POLICIES, Policy, ViewPlan, plan_views, sample_crop, view_rng)
+from dist_ssl.data.views import ViewSpec
 
 BICUBIC = Image.Resampling.BICUBIC
+_JITTER_FNS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+# ImageOps.solarize(img, 128) builds this table in Python on every call (~0.2 ms a view).
+_SOLARIZE_LUT = [i if i < 128 else 255 - i for i in range(256)]
 
 
-@dataclass(frozen=True)
-class Policy:
-    """Probabilities and strengths of the photometric ops (geometry comes from CropGroup)."""
-
-    flip_p: float = 0.5
-    jitter_p: float = 0.0
-    jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # bright, contr, sat, hue
-    gray_p: float = 0.0
-    blur_p: float = 0.0
-    blur_sigma: tuple[float, float] = (0.1, 2.0)  # PIL GaussianBlur radius range (DINO)
-    solarize_p: float = 0.0
-
-
-POLICIES = {
-    "simclr": Policy(jitter_p=0.8, jitter=(0.8, 0.8, 0.8, 0.2), gray_p=0.2, blur_p=0.5),
-    "dino": Policy(jitter_p=0.8, jitter=(0.4, 0.4, 0.2, 0.1), gray_p=0.2, blur_p=1.0),
-    "supervised": Policy(),
-    "deit": Policy(),
-}
-
-
-def view_rng(*key: int) -> random.Random:
-    """An RNG for one view, seeded by non-negative ints (seed, epoch, id, ...), collision-free."""
-    packed = 0
-    for k in key:
-        packed = (packed << 64) | (int(k) & 0xFFFFFFFFFFFFFFFF)
-    return random.Random(packed)
-
-
-def sample_crop(rng: random.Random, width: int, height: int,
-                scale: tuple[float, float], ratio: tuple[float, float]):
-    """RandomResizedCrop box (left, top, w, h): torchvision's algorithm, our RNG."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = rng.randint(0, height - h)
-            left = rng.randint(0, width - w)
-            return left, top, w, h
-    in_ratio = width / height  # fallback: central crop at the nearest allowed ratio
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
-
-
-def _color_jitter(img: Image.Image, rng: random.Random, strength) -> Image.Image:
-    b, c, s, h = strength
-    ops = [(TF.adjust_brightness, b, False), (TF.adjust_contrast, c, False),
-           (TF.adjust_saturation, s, False), (TF.adjust_hue, h, True)]
-    order = [0, 1, 2, 3]
-    rng.shuffle(order)
+def _color_jitter(img: Image.Image, order, factors) -> Image.Image:
     for i in order:
-        fn, amount, is_hue = ops[i]
-        if amount <= 0:
+        if factors[i] is None:
             continue
-        if is_hue:
-            factor = rng.uniform(-amount, amount)
-        else:
-            factor = rng.uniform(max(0.0, 1 - amount), 1 + amount)
-        if img.mode == "L" and fn in (TF.adjust_saturation, TF.adjust_hue):
-            continue  # no colour to change; the draw above still happens (stable RNG use)
-        img = fn(img, factor)
+        if img.mode == "L" and i >= 2:
+            continue  # no colour to change (saturation, hue); the draw still happened
+        img = _JITTER_FNS[i](img, factors[i])
     return img
 
 
-def augment_crop(img: Image.Image, group: CropGroup, policy: Policy,
-                 rng: random.Random) -> Image.Image:
-    """One training view of ``img`` (already in the output mode, "RGB" or "L")."""
-    left, top, w, h = sample_crop(rng, img.width, img.height, group.scale, group.ratio)
-    out = img.resize((group.size, group.size), BICUBIC, box=(left, top, left + w, top + h))
-    if rng.random() < policy.flip_p:
+def _geometry(img: Image.Image, plan: ViewPlan, scale: int) -> Image.Image:
+    """The view's pixels before photometric ops; ``img`` is the source decoded at 1/scale."""
+    if plan.eval_resize is not None:
+        if tuple(plan.eval_resize) != img.size:
+            img = img.resize(plan.eval_resize, BICUBIC)
+        top = int(round((img.height - plan.size) / 2.0))
+        left = int(round((img.width - plan.size) / 2.0))
+        return img.crop((left, top, left + plan.size, top + plan.size))
+    left, top, w, h = plan.box
+    box = (left / scale, top / scale, (left + w) / scale, (top + h) / scale)
+    return img.resize((plan.size, plan.size), BICUBIC, box=box)
+
+
+def render_view(img: Image.Image, plan: ViewPlan, scale: int = 1) -> Image.Image:
+    """One view of ``img`` (already in the output mode, "RGB" or "L") decoded at 1/scale."""
+    out = _geometry(img, plan, scale)
+    if plan.flip:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    if policy.jitter_p > 0 and rng.random() < policy.jitter_p:
-        out = _color_jitter(out, rng, policy.jitter)
-    if policy.gray_p > 0 and rng.random() < policy.gray_p and out.mode == "RGB":
+    if plan.jitter_order is not None:
+        out = _color_jitter(out, plan.jitter_order, plan.jitter_factors)
+    if plan.gray and out.mode == "RGB":
         out = out.convert("L").convert("RGB")
-    blur_p = policy.blur_p if group.blur_p is None else group.blur_p
-    if blur_p > 0 and rng.random() < blur_p:
-        out = out.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*policy.blur_sigma)))
-    solarize_p = policy.solarize_p if group.solarize_p is None else group.solarize_p
-    if solarize_p > 0 and rng.random() < solarize_p:
-        out = ImageOps.solarize(out, 128)
+    if plan.blur_sigma is not None:
+        out = out.filter(ImageFilter.GaussianBlur(radius=plan.blur_sigma))
+    if plan.solarize:
+        out = out.point(_SOLARIZE_LUT * len(out.getbands()))
     return out
 
 
@@ -131,15 +76,9 @@ def eval_crop(img: Image.Image, size: int, crop_pct: float = 0.875) -> Image.Ima
     """Resize the shorter side to floor(size / crop_pct) (bicubic), then center crop size."""
     short = math.floor(size / crop_pct)
     w, h = img.size
-    if w <= h:
-        new = (short, int(short * h / w))
-    else:
-        new = (int(short * w / h), short)
-    if new != (w, h):
-        img = img.resize(new, BICUBIC)
-    top = int(round((img.height - size) / 2.0))
-    left = int(round((img.width - size) / 2.0))
-    return img.crop((left, top, left + size, top + size))
+    new = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    plan = ViewPlan(size, (0, 0, w, h), new)
+    return _geometry(img, plan, 1)
 
 
 def _run_hook(hook, img: Image.Image, seed: int) -> Image.Image:
@@ -156,24 +95,26 @@ def _run_hook(hook, img: Image.Image, seed: int) -> Image.Image:
         np.random.set_state(np_state)
 
 
-def make_views(img: Image.Image, spec: ViewSpec, rngs: list[random.Random]) -> list[np.ndarray]:
-    """All views of one decoded image as uint8 arrays [C, H, W]; ``rngs[i]`` drives view i.
+def output_mode(img: Image.Image, spec: ViewSpec) -> str:
+    """"L" or "RGB": the mode views of ``img`` are made in.
 
     A grayscale source with ``in_chans=3`` is augmented in one channel and replicated at the
     end: the same pixels as augmenting ``convert("RGB")`` (colour ops are no-ops on gray) for a
     third of the work. With a hook the crop is converted first (timm transforms expect RGB).
     """
     gray = spec.in_chans == 1 or (img.mode in ("L", "LA", "1") and spec.hook is None)
-    img = img.convert("L" if gray else "RGB")
-    policy = POLICIES.get(spec.policy)
+    return "L" if gray else "RGB"
+
+
+def render_views(img: Image.Image, spec: ViewSpec, plans: list[ViewPlan],
+                 scale: int = 1) -> list[np.ndarray]:
+    """All planned views of ``img`` (decoded at 1/scale) as uint8 arrays [C, H, W]."""
+    img = img.convert(output_mode(img, spec))
     out = []
-    for group, rng in zip(spec.view_groups, rngs):
-        if spec.policy == "eval":
-            view = eval_crop(img, group.size, group.crop_pct)
-        else:
-            view = augment_crop(img, group, policy, rng)
+    for plan in plans:
+        view = render_view(img, plan, scale)
         if spec.hook is not None:
-            view = _run_hook(spec.hook, view, rng.getrandbits(62))
+            view = _run_hook(spec.hook, view, plan.hook_seed)
         arr = np.asarray(view, dtype=np.uint8)
         if arr.ndim == 2:  # gray: [H, W] -> [C, H, W]
             arr = np.repeat(arr[None], spec.in_chans, axis=0)
@@ -181,6 +122,12 @@ def make_views(img: Image.Image, spec: ViewSpec, rngs: list[random.Random]) -> l
             arr = np.ascontiguousarray(arr.transpose(2, 0, 1))
         out.append(arr)
     return out
+
+
+def make_views(img: Image.Image, spec: ViewSpec, rngs: list[random.Random]) -> list[np.ndarray]:
+    """All views of one fully decoded image as uint8 arrays [C, H, W]; ``rngs[i]`` drives
+    view i (plans drawn from the image size, then rendered at full scale)."""
+    return render_views(img, spec, plan_views(img.width, img.height, spec, rngs))
 
 
 def stack_views(arrays: list[np.ndarray]) -> torch.Tensor:
@@ -192,6 +139,7 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 [B, C, H, W] -> float32 ``(x / 255 - mean) / std``, on x's device.
 
     On CPU via numpy: single-threaded, so it does not fight busy DataLoader workers for cores.
+    Both branches do the same float32 operations in the same order (same values).
     """
     if x.device.type != "cpu":
         m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)

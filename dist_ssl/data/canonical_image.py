@@ -46,9 +46,26 @@ _ORIENTATION_KEYS = frozenset({"exif", "Raw profile type exif", "XML:com.adobe.x
 
 def canonical_image(img: Image.Image) -> Image.Image:
     """``img`` (loaded) upright and 8-bit (see module doc); may return ``img`` itself."""
-    if not _ORIENTATION_KEYS.isdisjoint(img.info) or hasattr(img, "tag_v2"):
+    if exif_orientation(img) != 1:
         ImageOps.exif_transpose(img, in_place=True)
     return to_8bit(img)
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF Orientation tag (1 = upright, 1-8), read from the header only (no decode)."""
+    if _ORIENTATION_KEYS.isdisjoint(img.info) and not hasattr(img, "tag_v2"):
+        return 1
+    try:
+        value = int(img.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - a broken EXIF block: PIL's exif_transpose ignores it too
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def upright_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of ``img`` after ``canonical_image``: orientations 5-8 turn it by 90 deg."""
+    w, h = img.size
+    return (h, w) if exif_orientation(img) in (5, 6, 7, 8) else (w, h)
 
 
 def to_8bit(img: Image.Image) -> Image.Image:

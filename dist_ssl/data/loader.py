@@ -7,8 +7,15 @@ Batch dict (B = per-rank batch size, C = in_chans)::
 
 Workers send views as uint8 (a quarter of the shared-memory traffic, which costs about as much
 CPU as the augmentation for float multi-crop batches); the loader normalises them in the main
-process. With ``uint8_views=True`` they stay uint8: move them to the accelerator and call
-``loader.normalize(view)`` there (the cheapest path for GPU training).
+process. With ``uint8_views=True`` they stay uint8 (pinned with ``pin_memory``):
+``loader.to_device(batch, device)`` copies and normalises them on the device (what the trainer
+does, :mod:`dist_ssl.data.device_views`).
+
+Decoding (``decode``, ``reduced_decode``): on the CPU, a sample's crop plans are drawn from its
+header size first and the JPEG is decoded once at the smallest scale that serves every crop
+(:mod:`dist_ssl.data.reduced_decode`); ``decode="gpu"`` ships JPEG bytes + plans instead and the
+views are made on the device by ``loader.to_device`` (:mod:`dist_ssl.data.gpu_decode`; such
+batches hold "images", "shapes" and "plan" instead of "views" until then).
 
 What an epoch is (ids, repeats, drops, equal batch counts per rank) is documented in
 :mod:`dist_ssl.data.stream_plan`. Batches are made inside DataLoader workers (``batch_size=None``);
@@ -42,10 +49,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dist_ssl.data.augment import make_views, normalize, stack_views, view_rng
-from dist_ssl.data.decode import SKIPPED, SampleError, decode_sample, read_range
+from dist_ssl.data import gpu_payload
+from dist_ssl.data.augment import normalize, stack_views, view_rng
+from dist_ssl.data.decode import SKIPPED, SampleError, read_range
+from dist_ssl.data.device_views import batch_to_device
 from dist_ssl.data.errors import StreamError
 from dist_ssl.data.manifest import load_manifest
+from dist_ssl.data.reduced_decode import decode_views
 from dist_ssl.data.sample_checks import EXPECTED_ID, check_sample
 from dist_ssl.data.stream_plan import (
     EpochPlan, buffer_permutation, epoch_rng, plan_epoch, plan_eval, worker_batches)
@@ -61,6 +71,7 @@ _MAX_WARNINGS = 10  # per worker and epoch; then one summary line
 # from it (~0.3 s/epoch); as with spawn, scripts need the __main__ guard and ViewSpec.hook must
 # be picklable. (Python 3.14 makes forkserver the Linux default for this reason.)
 _DEFAULT_MP = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else None
+DECODE_MODES = ("cpu", "gpu")
 
 
 class ShardStream(IterableDataset):
@@ -68,9 +79,15 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shard_dir, spec: ViewSpec, batch_size: int, *, rank: int,
                  world_size: int, num_workers: int, seed: int, drop_last: bool,
-                 shuffle_buffer: int, train: bool):
+                 shuffle_buffer: int, train: bool, reduced_decode: bool = True,
+                 decode: str = "cpu"):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+        if decode == "gpu":
+            gpu_payload.check_spec(spec)
+        self.reduced_decode, self.decode = reduced_decode, decode
         self.shard_dir = Path(shard_dir)
         self.manifest = load_manifest(self.shard_dir)
         self.paths = [self.shard_dir / s.name for s in self.manifest.shards]
@@ -142,19 +159,23 @@ class ShardStream(IterableDataset):
             log.warning("rank %d epoch %d: corrupt sample skipped: %s", self.rank, self.epoch, reason)
 
     def _decode(self, raw, rep, salt=0, count=True):
-        """(views as uint8 arrays, label, idx) or None for a corrupt sample."""
+        """(views as uint8 arrays or a GPU payload, label, idx), or None for a corrupt sample."""
+        def rngs_for(idx):
+            return [view_rng(self.seed, self.epoch, idx, rep, v, salt)
+                    for v in range(self.spec.num_views)]
         try:
             check_sample(raw, self.manifest.num_classes, self.manifest.num_samples)
-            img, label, idx = decode_sample(raw)
-            rngs = [view_rng(self.seed, self.epoch, idx, rep, v, salt)
-                    for v in range(self.spec.num_views)]
-            return make_views(img, self.spec, rngs), label, idx
+            if self.decode == "gpu":
+                return gpu_payload.prepare(raw, self.spec, rngs_for)
+            return decode_views(raw, self.spec, rngs_for, self.reduced_decode)
         except (SampleError, OSError, ValueError) as e:
             if count:
                 self._count_bad(e)
             return None
 
     def _collate(self, decoded):
+        if self.decode == "gpu":
+            return gpu_payload.collate(decoded)
         views = [stack_views([d[0][v] for d in decoded]) for v in range(self.spec.num_views)]
         return {"index": torch.tensor([d[2] for d in decoded], dtype=torch.long),
                 "label": torch.tensor([d[1] for d in decoded], dtype=torch.long),
@@ -225,9 +246,9 @@ class TrainLoader:
 
     def __init__(self, stream: ShardStream, *, num_workers: int, pin_memory: bool = False,
                  prefetch_factor: int = 2, mp_context: str | None = _DEFAULT_MP,
-                 uint8_views: bool = False):
+                 uint8_views: bool = False, non_blocking: bool = True):
         self.stream, self.num_workers, self.mp_context = stream, num_workers, mp_context
-        self.uint8_views = uint8_views
+        self.uint8_views, self.non_blocking = uint8_views, non_blocking
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.epoch, self._start, self._step = 0, 0, 0
 
@@ -246,9 +267,19 @@ class TrainLoader:
     def __len__(self) -> int:
         return self.stream.plan(self.epoch).batches_per_rank[self.stream.rank]
 
+    @property
+    def spec(self) -> ViewSpec:
+        return self.stream.spec
+
     def normalize(self, view: torch.Tensor) -> torch.Tensor:
         """uint8 view [B, C, H, W] -> normalised float32, on the view's device."""
         return normalize(view, *self.stream.spec.norm)
+
+    def to_device(self, batch: dict, device, dtype: torch.dtype | None = None) -> dict:
+        """A batch of this loader on ``device`` with normalised float views (``dtype`` if
+        given), decoded there for ``decode="gpu"``: see :mod:`dist_ssl.data.device_views`."""
+        return batch_to_device(batch, self.stream.spec, torch.device(device), dtype,
+                               self.non_blocking)
 
     def set_epoch(self, epoch: int) -> None:
         self.set_position(epoch, 0)
@@ -279,7 +310,7 @@ class TrainLoader:
         for batch in loader:
             got += 1
             self._step += 1
-            if not self.uint8_views:
+            if not self.uint8_views and "views" in batch:
                 batch["views"] = [self.normalize(v) for v in batch["views"]]
             yield batch
         if self.stream.train and got != expected:  # the equal-batch guarantee, checked
@@ -308,22 +339,27 @@ def build_train_loader(shard_dir, view_spec: ViewSpec, batch_size: int, *, rank:
                        drop_last: bool = False, shuffle_buffer: int = 1000,
                        pin_memory: bool = False, prefetch_factor: int = 2,
                        mp_context: str | None = _DEFAULT_MP,
-                       uint8_views: bool = False) -> TrainLoader:
+                       uint8_views: bool = False, non_blocking: bool = True,
+                       reduced_decode: bool = True, decode: str = "cpu") -> TrainLoader:
     """Training loader for one rank (semantics: this module's and ``stream_plan``'s docstrings).
 
     batch_size: per rank. num_workers: DataLoader workers (0 = in this process); the epoch
     order depends on it, so resume with the same value. drop_last: False pads with the fewest
     repeats so every rank gets ceil(N / (world_size * batch_size)) full batches; True drops
     the remainder. shuffle_buffer: samples a worker holds to shuffle its stream (encoded bytes).
-    uint8_views: leave views uint8 (normalise on the device with ``loader.normalize``); with
-    pin_memory it is the uint8 views that get pinned. mp_context: see ``_DEFAULT_MP``.
+    uint8_views: leave views uint8 (normalise on the device with ``loader.to_device``); with
+    pin_memory it is the uint8 views that get pinned; non_blocking: asynchronous copies in
+    ``to_device``. reduced_decode: decode JPEGs at the smallest scale serving every crop (False:
+    always full size). decode: "cpu" (views made in the workers) or "gpu" (workers ship JPEG
+    bytes + crop plans, ``to_device`` decodes and renders). mp_context: see ``_DEFAULT_MP``.
     """
     stream = ShardStream(shard_dir, view_spec, batch_size, rank=rank, world_size=world_size,
                          num_workers=num_workers, seed=seed, drop_last=drop_last,
-                         shuffle_buffer=shuffle_buffer, train=True)
+                         shuffle_buffer=shuffle_buffer, train=True,
+                         reduced_decode=reduced_decode, decode=decode)
     return TrainLoader(stream, num_workers=num_workers, pin_memory=pin_memory,
                        prefetch_factor=prefetch_factor, mp_context=mp_context,
-                       uint8_views=uint8_views)
+                       uint8_views=uint8_views, non_blocking=non_blocking)
 
 
 def build_eval_loader(shard_dir, size: int, batch_size: int, *, rank: int = 0,
@@ -332,8 +368,10 @@ def build_eval_loader(shard_dir, size: int, batch_size: int, *, rank: int = 0,
                       mp_context: str | None = _DEFAULT_MP) -> EvalLoader:
     """Eval loader (resize + center crop, one view) covering every sample once over ranks."""
     spec = eval_view_spec(size, in_chans, crop_pct, mean, std)
+    # Full-size decode: eval views stay exactly timm's resize + center crop (a JPEG decoded at
+    # 1/r and resized differs by ~2-3 levels in 255), so accuracies compare with the papers'.
     stream = ShardStream(shard_dir, spec, batch_size, rank=rank, world_size=world_size,
                          num_workers=num_workers, seed=0, drop_last=False,
-                         shuffle_buffer=1, train=False)
+                         shuffle_buffer=1, train=False, reduced_decode=False)
     return EvalLoader(stream, num_workers=num_workers, pin_memory=pin_memory,
                       mp_context=mp_context)

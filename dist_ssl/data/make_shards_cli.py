@@ -2,6 +2,7 @@
 
     make_shards write SOURCE OUT_DIR [--split train|test] [--samples-per-shard 1000]
                 [--subset per-class:K | random:N] [--seed 0] [--workers W] [--overwrite] [--strict]
+                [--resize SHORT_SIDE [--quality 90]]
     make_shards verify OUT_DIR [--workers W]
 
 Exit status: 0 ok; 1 ``verify`` found a problem; 2 bad arguments or input, or an OS error such
@@ -39,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--overwrite", action="store_true",
                    help="replace a dataset in OUT_DIR made with other arguments")
     w.add_argument("--strict", action="store_true", help="a bad input file is an error")
+    w.add_argument("--resize", type=int, default=None, metavar="SHORT_SIDE",
+                   help="store images whose shorter side is larger as JPEGs with this shorter "
+                        "side (aspect kept, never upsampled); default: copy the files' bytes")
+    w.add_argument("--quality", type=int, default=None,
+                   help="JPEG quality of --resize (default 90)")
     v = sub.add_parser("verify", help="check every shard against manifest.json")
     v.add_argument("out_dir", metavar="OUT_DIR")
     v.add_argument("--workers", type=int, default=1)
@@ -49,7 +55,8 @@ def _write(a) -> int:
     t0 = time.perf_counter()
     m, written = write_dataset_report(
         a.source, a.out_dir, split=a.split, samples_per_shard=a.samples_per_shard,
-        subset=a.subset, seed=a.seed, workers=a.workers, overwrite=a.overwrite, strict=a.strict)
+        subset=a.subset, seed=a.seed, workers=a.workers, overwrite=a.overwrite, strict=a.strict,
+        resize=a.resize, quality=a.quality)
     dt = time.perf_counter() - t0
     done = (f"wrote {written} of {len(m.shards)} shards in {dt:.1f} s" if written
             else "already complete, nothing written")

@@ -26,7 +26,9 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
 # Arguments that determine the bytes of the dataset; equal values = "the same command".
-FINGERPRINT_FIELDS = ("source", "split", "subset", "seed", "samples_per_shard")
+FINGERPRINT_FIELDS = ("source", "split", "subset", "seed", "samples_per_shard", "resize", "quality")
+# Recorded only when set (a byte-copy dataset has neither): older datasets keep their arguments.
+OPTIONAL_ARGS = ("resize", "quality")
 
 
 @dataclass(frozen=True)
@@ -64,13 +66,16 @@ class Manifest:
     skipped: list[SkippedFile] = field(default_factory=list)
     fingerprint: str = ""
     format_version: int = FORMAT_VERSION
+    resize: int | None = None  # --resize: images stored with this shorter side (None: bytes copied)
+    quality: int | None = None  # --quality of the re-encoded JPEGs (with resize only)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def args(self) -> dict:
         """The arguments that made this dataset (see ``FINGERPRINT_FIELDS``)."""
-        return {k: getattr(self, k) for k in FINGERPRINT_FIELDS}
+        return {k: getattr(self, k) for k in FINGERPRINT_FIELDS
+                if k not in OPTIONAL_ARGS or getattr(self, k) is not None}
 
 
 def save_manifest(out_dir: str | os.PathLike, manifest: Manifest) -> Path:
@@ -87,6 +92,7 @@ _FIELDS = {
     "subset": (str, type(None)), "seed": int, "samples_per_shard": int,
     "skipped": list, "fingerprint": str,
 }
+_OPTIONAL_FIELDS = {"resize": (int, type(None)), "quality": (int, type(None))}
 _SHARD_FIELDS = {"name": str, "num_samples": int, "sha256": str, "first_idx": int}
 
 
@@ -125,6 +131,10 @@ def _validate(where: str, raw: dict) -> Manifest:
     shards = [_shard(where, i, s) for i, s in enumerate(raw["shards"])]
     skipped = [_skipped(where, s) for s in raw["skipped"]]
     kwargs = {k: raw[k] for k in _FIELDS if k not in ("shards", "skipped")}
+    for key, types in _OPTIONAL_FIELDS.items():
+        if key in raw:
+            _check_type(where, key, raw[key], types)
+            kwargs[key] = raw[key]
     m = Manifest(**kwargs, shards=shards, skipped=skipped)
     _check_consistency(where, m)
     return m

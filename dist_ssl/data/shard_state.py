@@ -29,7 +29,7 @@ from dist_ssl.data.shard_tar import DONE_DIR, STATE_DIR, done_record_path
 logger = logging.getLogger(__name__)
 
 _FLAG = {"source": "SOURCE", "split": "--split", "subset": "--subset", "seed": "--seed",
-         "samples_per_shard": "--samples-per-shard"}
+         "samples_per_shard": "--samples-per-shard", "resize": "--resize", "quality": "--quality"}
 
 
 def _ours(name: str) -> bool:
@@ -83,7 +83,7 @@ class OutDirState:
         elif old is not None and old != args:
             key = next(k for k in FINGERPRINT_FIELDS if old.get(k) != args.get(k))
             raise OutDirError(f"{self.out_dir} was written with different arguments: "
-                              f"{_FLAG[key]} was {_show(old.get(key))}, now {_show(args[key])}; "
+                              f"{_FLAG[key]} was {_show(old.get(key))}, now {_show(args.get(key))}; "
                               f"pass --overwrite to replace it")
         elif old is None and any(not e.name.endswith(TMP_SUFFIX) and e.name != STATE_DIR
                                  for e in os.scandir(self.out_dir)):

@@ -5,7 +5,9 @@ A sample with id ``i`` is three consecutive tar members, always in this order::
     {i:09d}.cls   class index, ASCII decimal
     {i:09d}.idx   instance id, ASCII decimal
     {i:09d}.<ext> image bytes: input files copied byte for byte (ext from the decoded
-                  format: jpg, png, ...); IDX rows encoded losslessly as mode-L PNG
+                  format: jpg, png, ...); IDX rows encoded losslessly as mode-L PNG;
+                  with ``resize``, images larger than that re-encoded as JPEG
+                  (:mod:`shard_resize`)
 
 Members have mtime 0, uid/gid 0, empty owner names and mode 0644 (ustar format), so the
 same samples always give a byte-identical tar.
@@ -23,6 +25,7 @@ from pathlib import Path
 from dist_ssl.atomic import atomic_write_json, tmp_path
 from dist_ssl.data.errors import DataError
 from dist_ssl.data.images import encode_png_gray
+from dist_ssl.data.shard_resize import resize_image
 
 STATE_DIR = ".make_shards"  # writer state inside OUT_DIR (args, probes, plan, done records)
 DONE_DIR = "done"
@@ -43,6 +46,7 @@ class ShardTask:
     ``rows``: the plan's ``[ref, label, ext, size]`` for ids ``first_idx, first_idx+1, ...``.
     File sources: ``ref`` is a path under ``root``; ``size`` is from validation (a change is
     an error). IDX: ``pixels`` holds the rows' images as one ``[n, H, W]`` uint8 block.
+    ``resize``/``quality``: store images with a larger shorter side as JPEGs of that side.
     ``crash`` is a test hook (see ``shard_writer``).
     """
 
@@ -53,6 +57,8 @@ class ShardTask:
     root: str | None = None
     pixels: bytes | None = None
     image_hw: tuple[int, int] = (0, 0)
+    resize: int | None = None
+    quality: int = 90
     crash: bool = False
 
 
@@ -83,8 +89,22 @@ def _member(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+def _resized(task: ShardTask, ref: str, ext: str, data: bytes) -> tuple[str, bytes]:
+    try:
+        small = resize_image(data, task.resize, task.quality)
+    except Exception as e:  # noqa: BLE001 - it decoded when validated: the file changed
+        raise DataError(f"cannot resize {os.path.join(task.root or '', ref)} ({e}); it was valid "
+                        f"when planned: restore it or rerun with --overwrite") from None
+    return (ext, data) if small is None else ("jpg", small)
+
+
 def _image(task: ShardTask, i: int) -> tuple[str, bytes]:
-    """Extension and bytes of the i-th image of the task (the only decode-free work)."""
+    """Extension and bytes of the i-th image of the task (copied, or resized if asked)."""
+    ext, data = _source_image(task, i)
+    return _resized(task, task.rows[i][0], ext, data) if task.resize else (ext, data)
+
+
+def _source_image(task: ShardTask, i: int) -> tuple[str, bytes]:
     ref, _, ext, size = task.rows[i]
     if task.pixels is not None:
         h, w = task.image_hw

@@ -6,7 +6,8 @@ Phases:
                bad files are skipped (listed in the manifest) or, with ``strict``, an error
   3. ids       shuffle the selected valid samples (seeded); instance id = position, so
                ids are exactly 0..N-1 and shard k holds ids [k*S, (k+1)*S)
-  4. write     shards in parallel, bytes copied (no decode; IDX rows encoded as PNG),
+  4. write     shards in parallel, bytes copied (no decode; IDX rows encoded as PNG) or,
+               with ``resize``, larger images re-encoded smaller (:mod:`shard_resize`),
                each written as ``*.tar.tmp`` then renamed, then a done record
   5. manifest  written last and atomically: its presence means "complete"
 
@@ -38,6 +39,7 @@ from dist_ssl.data.subsets import (SubsetRule, candidate_groups, parse_subset, s
 logger = logging.getLogger(__name__)
 
 FAIL_AFTER_ENV = "DIST_SSL_SHARDS_FAIL_AFTER"
+DEFAULT_QUALITY = 90  # JPEG quality of --resize (ImageNet's own files are around q90)
 
 
 class _Runner:
@@ -138,16 +140,18 @@ def _make_plan(src: Source, rule: SubsetRule | None, seed: int, strict: bool,
 
 
 def _task(src: Source, state: OutDirState, k: int, first: int, rows: list,
-          crash: bool) -> ShardTask:
+          crash: bool, args: dict) -> ShardTask:
+    store = {"resize": args.get("resize"), "quality": args.get("quality") or DEFAULT_QUALITY}
     if src.kind == "idx":
         pixels = src.pixels[[int(r[0]) for r in rows]].tobytes()
         return ShardTask(str(state.out_dir), k, first, rows, pixels=pixels,
-                         image_hw=tuple(src.pixels.shape[1:]), crash=crash)
-    return ShardTask(str(state.out_dir), k, first, rows, root=str(src.root), crash=crash)
+                         image_hw=tuple(src.pixels.shape[1:]), crash=crash, **store)
+    return ShardTask(str(state.out_dir), k, first, rows, root=str(src.root), crash=crash,
+                     **store)
 
 
 def _write_shards(src: Source, plan: dict, sps: int, runner: _Runner,
-                  state: OutDirState) -> tuple[list[dict], int]:
+                  state: OutDirState, args: dict) -> tuple[list[dict], int]:
     """Write every unfinished shard; return all shards' done records and how many were new."""
     samples = plan["samples"]
     bounds = [(k, first, min(sps, len(samples) - first))
@@ -158,7 +162,7 @@ def _write_shards(src: Source, plan: dict, sps: int, runner: _Runner,
         logger.info("resuming: %d of %d shards already finished", len(bounds) - len(todo),
                     len(bounds))
     fail_after = int(os.environ.get(FAIL_AFTER_ENV, "-1"))
-    tasks = [_task(src, state, k, first, samples[first:first + n], crash=(j == fail_after))
+    tasks = [_task(src, state, k, first, samples[first:first + n], (j == fail_after), args)
              for j, (k, first, n) in enumerate(todo)]
     progress = _Progress("writing shards", len(tasks))
     index = {shard_name(k): k for k, _, _ in todo}
@@ -180,11 +184,27 @@ def _build_manifest(args: dict, fingerprint: str, plan: dict, done: list[dict]) 
         **args)
 
 
-def _check_args(samples_per_shard, seed, workers) -> None:
+def _check_args(samples_per_shard, seed, workers, resize, quality) -> None:
     for name, value, low in (("--samples-per-shard", samples_per_shard, 1),
                              ("--seed", seed, 0), ("--workers", workers, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise DataError(f"{name} must be an integer >= {low}, got {value!r}")
+    if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int)
+                               or resize < 1):
+        raise DataError(f"--resize must be an integer >= 1 (the shorter side in pixels), "
+                        f"got {resize!r}")
+    if quality is not None:
+        if resize is None:
+            raise DataError("--quality applies only with --resize (byte copies keep the files)")
+        if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+            raise DataError(f"--quality must be an integer in 1..100, got {quality!r}")
+
+
+def _store_args(resize, quality) -> dict:
+    """The resize arguments as recorded: absent for a byte copy (older datasets match)."""
+    if resize is None:
+        return {}
+    return {"resize": resize, "quality": DEFAULT_QUALITY if quality is None else quality}
 
 
 def _make_out_dir(out: Path, src: Source) -> Path:
@@ -199,26 +219,31 @@ def _make_out_dir(out: Path, src: Source) -> Path:
 
 def write_dataset(source: str, out_dir, split: str = "train", samples_per_shard: int = 1000,
                   subset: str | None = None, seed: int = 0, workers: int = 1,
-                  overwrite: bool = False, strict: bool = False) -> Manifest:
+                  overwrite: bool = False, strict: bool = False, resize: int | None = None,
+                  quality: int | None = None) -> Manifest:
     """Shard ``source`` into ``out_dir``; see the module docstring. Returns the manifest.
 
+    ``resize``: store images whose shorter side is larger as JPEGs (``quality``, default 90)
+    with that shorter side (:mod:`shard_resize`); None (default) copies the files' bytes.
     Re-running the same call after an interruption finishes the missing shards; on a
     complete dataset it returns at once. Raises :class:`DataError` subclasses for bad input.
     """
     return write_dataset_report(source, out_dir, split, samples_per_shard, subset, seed,
-                                workers, overwrite, strict)[0]
+                                workers, overwrite, strict, resize, quality)[0]
 
 
 def write_dataset_report(source: str, out_dir, split: str = "train",
                          samples_per_shard: int = 1000, subset: str | None = None,
                          seed: int = 0, workers: int = 1, overwrite: bool = False,
-                         strict: bool = False) -> tuple[Manifest, int]:
+                         strict: bool = False, resize: int | None = None,
+                         quality: int | None = None) -> tuple[Manifest, int]:
     """:func:`write_dataset`, also returning how many shards this call wrote (0: complete)."""
-    _check_args(samples_per_shard, seed, workers)
+    _check_args(samples_per_shard, seed, workers, resize, quality)
     rule = parse_subset(subset)
     src = open_source(source, split)
     args = {"source": src.spec, "split": split, "subset": str(rule) if rule else None,
-            "seed": seed, "samples_per_shard": samples_per_shard}
+            "seed": seed, "samples_per_shard": samples_per_shard,
+            **_store_args(resize, quality)}
     fingerprint = _fingerprint(args)
     out = _make_out_dir(Path(out_dir), src)
     state = OutDirState(out)
@@ -230,7 +255,7 @@ def write_dataset_report(source: str, out_dir, split: str = "train",
             plan = _make_plan(src, rule, seed, strict, runner, state, fingerprint)
             if strict and plan["skipped"]:  # a cached plan made without --strict
                 _raise_bad(src, *plan["skipped"][0])
-            done, written = _write_shards(src, plan, samples_per_shard, runner, state)
+            done, written = _write_shards(src, plan, samples_per_shard, runner, state, args)
             manifest = _build_manifest(args, fingerprint, plan, done)
             save_manifest(out, manifest)
         else:

@@ -1,8 +1,9 @@
 """What views a method asks of the data: crop groups + an augmentation policy.
 
 A method declares a :class:`ViewSpec`; the loader turns each decoded image into
-``sum(g.count for g in groups)`` crops, in group order. In a batch, ``views[i]`` is a float
-tensor [B, C, H, W] (B = batch, C = ``in_chans``, H = W = the size of crop i's group).
+``sum(g.count for g in groups)`` crops, in group order. In a batch as a method receives it
+(after ``TrainLoader.to_device``), ``views[i]`` is a normalised float tensor [B, C, H, W]
+(B = batch, C = ``in_chans``, H = W = the size of crop i's group).
 
 Examples::
 

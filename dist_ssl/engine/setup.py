@@ -70,9 +70,13 @@ def build_run(cfg) -> RunParts:
         _, n_bn = convert_to_global_batchnorm(method)
         if n_bn:
             log.info("%d BatchNorm layers normalise over the global batch (parallel.global_batchnorm)", n_bn)
+    # uint8 views (pinned on CUDA), normalised on the device by TrainLoader.to_device
     loader = build_train_loader(cfg.data.train, method.train_views(), cfg.train.batch_size,
                                 rank=rank, world_size=world, num_workers=cfg.data.num_workers,
-                                seed=cfg.seed, drop_last=cfg.data.drop_last)
+                                seed=cfg.seed, drop_last=cfg.data.drop_last, uint8_views=True,
+                                pin_memory=cfg.data.pin_memory and accelerator.device.type == "cuda",
+                                non_blocking=cfg.data.non_blocking,
+                                reduced_decode=cfg.data.reduced_decode, decode=cfg.data.decode)
     steps_per_epoch = len(loader) // accum
     if steps_per_epoch < 1:
         raise ValueError(f"train.batch_size: {len(loader)} batches per epoch per rank is fewer than "

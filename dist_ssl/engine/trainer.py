@@ -201,7 +201,7 @@ class Trainer:
 
     def _micro_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
         parts, acc = self.parts, self.parts.accelerator
-        batch = _to_device(batch, acc.device, parts.input_dtype)
+        batch = _to_device(batch, acc.device, parts.input_dtype, parts.loader)
         with acc.accumulate(parts.method.student):
             out = parts.method(batch, self.step)
             loss = out["loss"]
@@ -304,14 +304,7 @@ def _is_deepspeed(acc) -> bool:
     return acc.distributed_type.name == "DEEPSPEED"
 
 
-def _to_device(batch: dict, device: torch.device, dtype: Optional[torch.dtype]) -> dict:
-    out = {}
-    for key, value in batch.items():
-        if key == "views":
-            out[key] = [v.to(device, dtype=dtype, non_blocking=True) if dtype else
-                        v.to(device, non_blocking=True) for v in value]
-        elif isinstance(value, torch.Tensor):
-            out[key] = value.to(device, non_blocking=True)
-        else:
-            out[key] = value
-    return out
+def _to_device(batch: dict, device: torch.device, dtype: Optional[torch.dtype], loader) -> dict:
+    """The batch on the device with normalised float views (decoded there for data.decode=gpu):
+    the loader's uint8 views are normalised on the device (dist_ssl.data.device_views)."""
+    return loader.to_device(batch, device, dtype)

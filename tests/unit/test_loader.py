@@ -142,8 +142,9 @@ def test_global_rng_hook_through_workers_is_reproducible(fmnist2k_shards):
 
 def test_resume_skips_without_decoding(fmnist2k_shards, monkeypatch):
     calls = []
-    real = loader_mod.decode_sample
-    monkeypatch.setattr(loader_mod, "decode_sample", lambda s: calls.append(1) or real(s))
+    real = loader_mod.decode_views
+    monkeypatch.setattr(loader_mod, "decode_views",
+                        lambda s, *a: calls.append(1) or real(s, *a))
     loader = build_train_loader(fmnist2k_shards, CHEAP, 64, num_workers=0, seed=0)
     loader.set_position(0, 29)
     assert len(list(loader)) == 3
