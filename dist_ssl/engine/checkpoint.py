@@ -39,11 +39,11 @@ from typing import Any, Mapping
 from accelerate.utils import DistributedType
 
 from dist_ssl.engine.checkpoint_io import (
-    CheckpointError, load_training_state, model_file, one_line, restoring, save_training_state, torch_save,
+    CheckpointError, DCPException, load_training_state, model_file, one_line, restoring, save_training_state, torch_save,
     write_error)
 from dist_ssl.engine.checkpoint_manifest import HASH, describe_files, verify_files
 from dist_ssl.engine.rng_state import load_rng_state, save_rng_state
-from dist_ssl.engine.safe_load import safe_torch_load
+from dist_ssl.engine.safe_load import deepspeed_globals, parse_problem, safe_torch_load
 from dist_ssl.parallel.accelerator import describe
 from dist_ssl.parallel.collectives import all_gather_object, broadcast_object
 
@@ -208,7 +208,7 @@ class CheckpointManager:
                     torch_save(obj.state_dict(), tmp / _shared_file(name))
             for name, obj in per_rank.items():
                 torch_save(obj.state_dict(), tmp / _local_file(name, rank))
-        except Exception as exc:  # noqa: BLE001 - reported on every rank by the caller
+        except (Exception, DCPException) as exc:  # noqa: BLE001 - reported on every rank by the caller
             return f"{tmp}: rank {rank} could not write its files ({write_error(exc, tmp.parent)})"
         return None
 
@@ -337,8 +337,15 @@ class CheckpointManager:
         for rel in needed:
             if rel not in files:
                 return f"{path / rel}: missing (not in the manifest of {state_file.name})"
-        problem = verify_files(path, files, sorted(files)[rank::world])  # spread over the ranks
-        return problem or self._shape_problem(path, accelerator)
+        share = sorted(files)[rank::world]  # spread over the ranks
+        problem = verify_files(path, files, share)
+        if problem:
+            return problem
+        allowed = deepspeed_globals() if accelerator.distributed_type == DistributedType.DEEPSPEED else ()
+        for rel in share:
+            if problem := parse_problem(path / rel, allowed):
+                return f"{path / rel}: {problem}"
+        return self._shape_problem(path, accelerator)
 
     @staticmethod
     def _record_problem(path: Path, meta: dict, step: Any, files: Any) -> str | None:

@@ -24,15 +24,23 @@ from typing import Any, Iterator
 
 import torch
 from accelerate.utils import DistributedType
+from torch.distributed.checkpoint.api import CheckpointException as DCPException  # a BaseException
 
 from dist_ssl.engine.safe_load import SafeFileSystemReader, SafeLoadPlanner, deepspeed_loads, safe_torch_load
 
-__all__ = ["CheckpointError", "one_line", "write_error", "torch_save", "restoring",
+__all__ = ["CheckpointError", "DCPException", "root_cause", "one_line", "write_error", "torch_save", "restoring",
            "save_training_state", "load_training_state", "model_file"]
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, unsafe or incompatible; the message names the file."""
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """DCP reports each rank's failure inside a CheckpointException: the first of them."""
+    if isinstance(exc, DCPException) and exc.failures:
+        return next(iter(exc.failures.values()))[0]
+    return exc
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
@@ -59,6 +67,7 @@ def _is_disk_full(exc: BaseException, directory: Path) -> bool:
 
 def write_error(exc: BaseException, directory: Path) -> str:
     """One line for a failed checkpoint write; a full disk is named as such."""
+    exc = root_cause(exc)
     if _is_disk_full(exc, directory):
         try:
             free = os.statvfs(directory)
@@ -82,8 +91,9 @@ def restoring(f: Path, what: str) -> Iterator[None]:
         yield
     except CheckpointError:
         raise
-    except Exception as exc:  # noqa: BLE001 - every failure of a restore names its file
-        raise CheckpointError(f"{f}: cannot restore {what} ({type(exc).__name__}: {one_line(exc, 240)})") from exc
+    except (Exception, DCPException) as exc:  # noqa: BLE001 - every failure of a restore names its file
+        cause = root_cause(exc)
+        raise CheckpointError(f"{f}: cannot restore {what} ({type(cause).__name__}: {one_line(cause, 240)})") from exc
 
 
 def model_file(i: int) -> str:
@@ -171,7 +181,7 @@ def load_training_state(acc, directory: Path) -> None:
         for i, model in enumerate(acc._models):
             f = directory / model_file(i)
             with restoring(f, "the model"):
-                load_model(acc.unwrap_model(model), str(f), strict=True, device=str(acc.device))
+                load_model(acc.unwrap_model(model), str(f), strict=True)  # CPU, then copied into the params
         for i, opt in enumerate(acc._optimizers):
             f = directory / _numbered("optimizer", i)
             with restoring(f, "the optimizer"):

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 __all__ = ["UnsafeFileError", "safe_torch_load", "RestrictedUnpickler", "SafeFileSystemReader",
-           "SafeLoadPlanner", "deepspeed_loads"]
+           "SafeLoadPlanner", "deepspeed_globals", "deepspeed_loads", "parse_problem"]
 
 
 class UnsafeFileError(ValueError):
@@ -123,7 +123,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
-def _deepspeed_globals() -> tuple:
+def deepspeed_globals() -> tuple:
     """The plain records DeepSpeed pickles into its ZeRO optimizer files (0.15 - 0.19)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
@@ -137,7 +137,7 @@ def deepspeed_loads(engine) -> Iterator[None]:
     """Within the block, every file ``engine.load_checkpoint`` reads goes through
     ``safe_torch_load`` (DeepSpeed's own engine uses ``weights_only=False``)."""
     ckpt_engine = engine.checkpoint_engine
-    allowed = _deepspeed_globals()
+    allowed = deepspeed_globals()
 
     def load(path, map_location=None):
         try:
@@ -150,3 +150,32 @@ def deepspeed_loads(engine) -> Iterator[None]:
         yield
     finally:
         del ckpt_engine.load
+
+
+def parse_problem(path: Path, allowed: tuple = ()) -> str | None:
+    """Read the structure of one checkpoint file the way its loader will (pickles through the
+    allow-list; tensor data mapped, not read); a one-line problem or None. Lets every rank
+    check a share of the files before any is loaded, so an unsafe or unreadable file fails the
+    load on every rank at once, never one rank in the middle of a collective."""
+    try:
+        if path.suffix in (".pt", ".bin", ".pth"):
+            try:
+                safe_torch_load(path, mmap=True, allowed=allowed)
+            except RuntimeError as exc:  # mmap needs the zip format; a legacy file is read whole
+                if "mmap" not in str(exc):
+                    raise
+                safe_torch_load(path, allowed=allowed)
+        elif path.name == ".metadata":  # DCP
+            with open(path, "rb") as f:
+                RestrictedUnpickler(f, DCP_METADATA_GLOBALS).load()
+        elif path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt"):  # the header, and that its offsets cover the file
+                pass
+    except UnsafeFileError as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "unreadable"
+        text = " ".join(str(exc).split())[:160]
+        return f"unreadable ({type(exc).__name__}: {text})"
+    return None
