@@ -2,8 +2,8 @@
 
 Both passes are spread over the ranks (rank r takes files r, r + R, ...), so each reads about
 1/R of the checkpoint. SHA-256 is hardware-accelerated (SHA-NI / ARMv8 crypto) in OpenSSL's
-hashlib: about 1.4 GB/s of CPU per rank on the 2-core build machine, i.e. about 0.6 s for the
-0.8 GB checkpoint of a ViT-B/16 with AdamW (benchmarks/checkpoint_hash.py).
+hashlib: 1.2 GB/s of CPU on the build machine, 0.9 s for the 1.04 GB checkpoint of a ViT-B/16
+with AdamW in one process (benchmarks/checkpoint_hash.py).
 """
 from __future__ import annotations
 
