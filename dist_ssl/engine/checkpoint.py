@@ -33,15 +33,17 @@ import re
 import secrets
 import shutil
 import time
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Mapping
 
 from accelerate.utils import DistributedType
 
+from dist_ssl.engine.checkpoint_checks import (
+    FORMAT_VERSION, STEP_DIR, compat_problem, record_problem, shape_problem)
 from dist_ssl.engine.checkpoint_io import (
-    CheckpointError, DCPException, load_training_state, model_file, one_line, restoring, save_training_state, torch_save,
+    CheckpointError, DCPException, load_training_state, one_line, restoring, save_training_state, torch_save,
     write_error)
-from dist_ssl.engine.checkpoint_manifest import HASH, describe_files, verify_files
+from dist_ssl.engine.checkpoint_manifest import describe_files, verify_files
 from dist_ssl.engine.rng_state import load_rng_state, save_rng_state
 from dist_ssl.engine.safe_load import deepspeed_globals, parse_problem, safe_torch_load
 from dist_ssl.parallel.accelerator import describe
@@ -54,14 +56,7 @@ __all__ = ["CheckpointError", "CheckpointManager", "COMPLETE", "TRAINER_STATE", 
 COMPLETE = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
 CRASH_ENV = "DIST_SSL_CKPT_CRASH_AFTER_MODEL"  # test hook: os._exit(1) after the model files are written
-FORMAT_VERSION = 2  # 1: accelerate's save_state (pickles read with weights_only=False): refused
-_STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _STALE = re.compile(r"^\.(tmp|old)_step_\d+_[0-9a-f]+$")
-
-
-def _format_family(backend: str) -> str:
-    """Backends whose checkpoints share a file layout (ZeRO partitions differ per stage)."""
-    return backend if backend.startswith(("zero", "fsdp")) else "plain"
 
 
 def _rng_file(rank: int) -> str:
@@ -91,19 +86,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _manifest_problem(files: Any) -> str | None:
-    """The manifest must list plain relative paths inside the checkpoint with a size and a hash."""
-    if not isinstance(files, dict):
-        return "files: not a mapping"
-    for rel, entry in files.items():
-        parts = PurePosixPath(rel).parts
-        if not rel or rel.startswith("/") or ".." in parts:
-            return f"files: {rel!r} is not a path inside the checkpoint"
-        if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get(HASH), str)):
-            return f"files: entry for {rel!r} lacks size / {HASH} (written by an older dist_ssl?)"
-    return None
-
-
 class CheckpointManager:
     """Writes ``step_%08d`` checkpoints atomically under ``output_dir/checkpoints`` and keeps the last k.
 
@@ -126,7 +108,7 @@ class CheckpointManager:
             return []
         found = []
         for p in self.root.iterdir():
-            m = _STEP_DIR.match(p.name)
+            m = STEP_DIR.match(p.name)
             if m and p.is_dir() and (p / COMPLETE).is_file():
                 found.append((int(m.group(1)), p))
         return [p for _, p in sorted(found)]
@@ -248,7 +230,7 @@ class CheckpointManager:
         done = self.complete()
         doomed = done[: -self.keep_last] if self.keep_last else []
         for p in self.root.iterdir():  # leftovers of crashed saves / deletes (one writer per run dir)
-            if _STALE.match(p.name) or (_STEP_DIR.match(p.name) and p.is_dir() and not (p / COMPLETE).exists()):
+            if _STALE.match(p.name) or (STEP_DIR.match(p.name) and p.is_dir() and not (p / COMPLETE).exists()):
                 doomed.append(p)
         for p in doomed:
             (p / COMPLETE).unlink(missing_ok=True)  # first, so a half-deleted dir is never "complete"
@@ -324,7 +306,8 @@ class CheckpointManager:
             _ = record["state"], meta["num_processes"], meta["backend"]
         except Exception as exc:  # noqa: BLE001
             return f"{state_file}: unreadable ({type(exc).__name__}: {one_line(exc, 160)})"
-        problem = self._record_problem(path, meta, step, files) or self._compat_problem(path, meta, accelerator, per_rank, shared)
+        problem = (record_problem(state_file, path.name, meta, step, files)
+                   or compat_problem(state_file, meta, accelerator, per_rank, shared))
         if problem:
             return problem
         rank, world, saved_world = accelerator.process_index, accelerator.num_processes, meta["num_processes"]
@@ -345,59 +328,4 @@ class CheckpointManager:
         for rel in share:
             if problem := parse_problem(path / rel, allowed):
                 return f"{path / rel}: {problem}"
-        return self._shape_problem(path, accelerator)
-
-    @staticmethod
-    def _record_problem(path: Path, meta: dict, step: Any, files: Any) -> str | None:
-        f = path / TRAINER_STATE
-        if meta.get("format_version") != FORMAT_VERSION:
-            return (f"{f}: format_version {meta.get('format_version')} != {FORMAT_VERSION} (checkpoints of "
-                    f"dist_ssl before format 2 hold pickles that cannot be read safely); resume=none starts over")
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            return f"{f}: step {step!r} is not a non-negative integer (edited by hand?)"
-        m = _STEP_DIR.match(path.name)
-        if m and int(m.group(1)) != step:
-            return f"{f}: step {step} does not match the directory name {path.name} (edited by hand?)"
-        problem = _manifest_problem(files)
-        return f"{f}: {problem}" if problem else None
-
-    @staticmethod
-    def _compat_problem(path: Path, meta: dict, accelerator, per_rank: Mapping[str, Any],
-                        shared: Mapping[str, Any]) -> str | None:
-        now = describe(accelerator)
-        if _format_family(meta["backend"]) != _format_family(now["backend"]):
-            return f"{path / TRAINER_STATE}: written by backend {meta['backend']}, this run uses {now['backend']}"
-        if now["backend"].startswith("zero") and meta["num_processes"] != now["num_processes"]:
-            return (f"{path / TRAINER_STATE}: ZeRO shards were written by {meta['num_processes']} processes, "
-                    f"this run has {now['num_processes']}")
-        if sorted(per_rank) != sorted(meta.get("per_rank", [])):
-            return f"{path / TRAINER_STATE}: per-rank objects {meta.get('per_rank')} != requested {sorted(per_rank)}"
-        if sorted(shared) != sorted(meta.get("shared", [])):
-            return f"{path / TRAINER_STATE}: shared objects {meta.get('shared')} != requested {sorted(shared)}"
-        return None
-
-    @staticmethod
-    def _shape_problem(path: Path, accelerator) -> str | None:
-        """Plain (single/DDP) checkpoints: compare safetensors header shapes with the live models."""
-        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            return None  # sharded formats: DCP / DeepSpeed report mismatches themselves (wrapped in load)
-        from safetensors import safe_open
-
-        for i, model in enumerate(accelerator._models):  # no public accessor for the prepared models
-            f = path / model_file(i)
-            live = accelerator.unwrap_model(model).state_dict()
-            try:
-                with safe_open(str(f), "pt") as sf:
-                    keys = set(sf.keys())
-                    shapes = {k: list(sf.get_slice(k).get_shape()) for k in keys}
-            except Exception as exc:  # noqa: BLE001
-                return f"{f}: unreadable ({type(exc).__name__}: {one_line(exc, 160)})"
-            ptrs = {live[k].data_ptr() for k in keys & set(live) if live[k].numel()}
-            tied = {k for k in set(live) - keys if live[k].numel() and live[k].data_ptr() in ptrs}
-            if keys != set(live) - tied:  # save_model keeps one name of tied (shared) tensors
-                diff = sorted(keys ^ (set(live) - tied))[:3]
-                return f"{f}: parameter names differ from the model (e.g. {diff})"
-            for k in sorted(keys):
-                if shapes[k] != list(live[k].shape):
-                    return f"{f}: shape mismatch for {k!r}: checkpoint {shapes[k]} vs model {list(live[k].shape)}"
-        return None
+        return shape_problem(path, accelerator)
