@@ -4,11 +4,14 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from dist_ssl.config import ConfigError
 from dist_ssl.engine.metrics import MetricsConfig, build_sinks
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", ["..", ".", "../x.jsonl", "a/b.jsonl", "", "x\0y"])
@@ -59,7 +62,7 @@ logging.getLogger("dist_ssl.engine.trainer").info("ours")
 @pytest.mark.parametrize("verbose", [False, True])
 def test_third_party_logs_stay_at_warning_unless_verbose(verbose):
     args = [sys.executable, "-c", LOG_PROBE] + (["-v"] if verbose else [])
-    err = subprocess.run(args, capture_output=True, text=True, timeout=120).stderr
+    err = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120).stderr
     assert "ours" in err and "accelerate-warning" in err and "deepspeed-warning" in err, err
     for noise in ("accelerate-info", "torch-info", "Setting accelerator to CPU"):
         assert (noise in err) == verbose, (noise, err)
