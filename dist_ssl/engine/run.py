@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from typing import Optional
 
@@ -119,6 +120,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except BaseException as exc:  # noqa: BLE001 - in multi-process runs: report once, leave at once
         if _world_size() == 1 or isinstance(exc, SystemExit):
             raise
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher's teardown must not cut the report
         if _is_peer_failure(exc):
             log.error("rank %d: stopping: a collective with the other ranks failed, most likely because "
                       "another rank failed first (see its error): %s: %s", _rank(), type(exc).__name__,
