@@ -8,16 +8,36 @@ from pathlib import Path
 
 import pytest
 
-from dist_ssl.config import ConfigError
+from dist_ssl.config import ConfigError, load_config
 from dist_ssl.engine.metrics import MetricsConfig, build_sinks
+from dist_ssl.engine.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
+RECIPE = REPO / "recipes" / "supervised_fmnist2k.yaml"
 
 
 @pytest.mark.parametrize("name", ["..", ".", "../x.jsonl", "a/b.jsonl", "", "x\0y"])
 def test_metrics_file_name_must_stay_in_the_run_dir(name):
     with pytest.raises(ValueError, match="^jsonl_name: must be a plain file name inside the run dir"):
         MetricsConfig(jsonl_name=name).validate()
+
+
+def test_metrics_file_name_override_is_a_one_line_config_error(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(RECIPE, [f"output_dir={tmp_path / 'run'}", "metrics.jsonl_name=.."])
+    assert str(err.value) == "metrics.jsonl_name: must be a plain file name inside the run dir, got '..'"
+
+
+@pytest.mark.parametrize("below", [False, True])
+def test_output_dir_that_is_a_file_is_refused_before_anything_is_built(tmp_path, below):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    out = a_file / "run" if below else a_file
+    cfg = load_config(RECIPE, [f"output_dir={out}", f"data.train={tmp_path / 'no_shards'}"])
+    with pytest.raises(ConfigError) as err:  # before the data is even looked at
+        Trainer(cfg)
+    what = f"is inside {a_file}, an existing file" if below else "is an existing file"
+    assert str(err.value) == f"output_dir: {out} {what}, not a directory; choose a directory path"
 
 
 def test_prometheus_port_in_use_is_a_one_line_config_error(tmp_path):
