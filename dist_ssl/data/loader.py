@@ -60,6 +60,7 @@ from dist_ssl.data.sample_checks import EXPECTED_ID, check_sample
 from dist_ssl.data.stream_plan import (
     EpochPlan, buffer_permutation, epoch_rng, plan_epoch, plan_eval, worker_batches)
 from dist_ssl.data.views import ViewSpec, eval_view_spec
+from dist_ssl.data.worker_lifetime import die_with_this_process
 
 log = logging.getLogger(__name__)
 _MAX_WARNINGS = 10  # per worker and epoch; then one summary line
@@ -299,7 +300,7 @@ class TrainLoader:
             if self.mp_context == "forkserver":
                 ctx.set_forkserver_preload(["__main__", __name__])  # no-op once it runs
             kwargs = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False,
-                      "multiprocessing_context": ctx}
+                      "multiprocessing_context": ctx, **die_with_this_process()}
         # An own generator: DataLoader.__iter__ otherwise draws a base seed from the GLOBAL
         # torch RNG, which shifts the model's dropout / drop-path stream on resume (the workers
         # need no seed from it: every view is seeded per sample).

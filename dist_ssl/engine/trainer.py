@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import torch
 
+from dist_ssl.config.errors import ConfigError
 from dist_ssl.config.run import save_config
 from dist_ssl.engine.checkpoint import CheckpointError, CheckpointManager
 from dist_ssl.engine.evaluate import evaluate_topk
@@ -36,7 +37,7 @@ RUN_INFO_FILE = "run.json"  # derived values of this launch: backend, world size
 
 
 class _StateAdapter:
-    """Something with state_dict/load_state_dict for accelerate's checkpoint registry.
+    """Something with state_dict/load_state_dict for CheckpointManager's shared / per-rank objects.
 
     ``put_all`` (optional) becomes ``load_all_ranks(states)``: CheckpointManager calls it with
     every saved rank's state when the world size changed since the checkpoint (re-sharding).
@@ -80,14 +81,16 @@ class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
+        _check_output_dir(self.out)
         self.parts: RunParts = build_run(cfg)
         acc = self.parts.accelerator
         self.is_main = acc.is_main_process
         self.ckpt = CheckpointManager(self.out, keep_last=cfg.ckpt.keep_last)
         method = self.parts.method
-        acc.register_for_checkpointing(_StateAdapter(method.extra_state_dict, method.load_extra_state_dict))
+        # the same on every rank: rank 0 saves them (read back with weights_only=True)
+        self.shared = {"method": _StateAdapter(method.extra_state_dict, method.load_extra_state_dict)}
         if self.parts.ema is not None:
-            acc.register_for_checkpointing(self.parts.ema)
+            self.shared["ema"] = self.parts.ema
         self.per_rank = {}  # rank-local (model-parallel) state: every rank saves its own share
         if self.parts.local_optimizer is not None:
             self.per_rank = _per_rank_objects(method, self.parts.local_optimizer, self.parts.local_scheduler)
@@ -103,26 +106,31 @@ class Trainer:
             save_config(self.cfg, self.out / "config.yaml")
             atomic_write_json(self.out / RUN_INFO_FILE, self.run_info())
         self._maybe_resume()
+        self.sinks.rewind(self.step)  # rows of steps after the checkpoint are redone: one row per step
         flag = PreemptionFlag()
         progress = Progress(parts.total_steps, enabled=self.is_main, start=self.step)
+        ok = False
         try:
             while self.step < parts.total_steps:
                 if self._run_epoch(flag, progress):
                     self._save()
                     log.warning("preempted by signal %s at step %d: checkpointed, exiting %d",
                                 flag.signum, self.step, REQUEUE_EXIT_CODE)
+                    ok = True
                     return REQUEUE_EXIT_CODE
             if not (self.ckpt.latest() and self.ckpt.latest().name == self.ckpt.path_for(self.step).name):
                 self._save()
             self._export_backbone()
             self._final_eval()
+            ok = True
             return 0
         finally:
             progress.close()
             flag.close()
             self.sinks.close()
-            acc.wait_for_everyone()
-            acc.end_training()  # destroys the process group: without it ranks can abort at exit
+            if ok:  # after an exception no collective: the other ranks may be inside another one
+                acc.wait_for_everyone()
+                acc.end_training()  # destroys the process group: without it ranks can abort at exit
 
     def run_info(self) -> dict:
         parts = self.parts
@@ -135,7 +143,7 @@ class Trainer:
         path = self.ckpt.resolve(self.cfg.resume)
         if path is None:
             return
-        state = self.ckpt.load(path, self.parts.accelerator, per_rank=self.per_rank)
+        state = self.ckpt.load(path, self.parts.accelerator, per_rank=self.per_rank, shared=self.shared)
         self._check_resume_topology(path, state)
         self.step = int(state["step"])
         log.info("resumed from %s at step %d", path, self.step)
@@ -266,7 +274,7 @@ class Trainer:
                         "steps_per_epoch": self.parts.steps_per_epoch,
                         "global_batch": self.parts.global_batch,
                         "num_processes": self.parts.accelerator.num_processes},
-                       per_rank=self.per_rank)
+                       per_rank=self.per_rank, shared=self.shared)
 
     def _export_backbone(self) -> None:
         acc = self.parts.accelerator
@@ -298,6 +306,16 @@ class Trainer:
         if result is None or not self.is_main:
             return
         atomic_write_json(self.out / EVAL_FILE, {"step": self.step, **result})
+
+
+def _check_output_dir(out: Path) -> None:
+    """output_dir (or a parent of it) that is an existing file: one line instead of a traceback."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is an existing file" if p == out else f"is inside {p}, an existing file"
+                raise ConfigError("output_dir", f"{out} {what}, not a directory; choose a directory path")
+            return
 
 
 def _is_deepspeed(acc) -> bool:

@@ -193,6 +193,63 @@ def corrupt_copy_fails_everywhere(acc, cm, path: Path, root: Path, backend: str)
     return C.all_gather_object(msg)
 
 
+class _Exploit:
+    """Unpickling this runs ``os.mkdir(marker)``: a stand-in for any command."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def _forge(ckpt: Path, rel: str, marker: Path) -> None:
+    """``rel`` becomes a torch.save archive whose pickle runs the exploit; the manifest is made to
+    agree (whoever can write the directory can rewrite it), so only the loaders can refuse it."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"state": _Exploit(marker), "t": torch.zeros(2)}, buf)
+    data = buf.getvalue()
+    (ckpt / rel).write_bytes(data)
+    if rel in ("trainer_state.json", "COMPLETE"):  # the manifest itself, and the marker written after it
+        return
+    record = json.loads((ckpt / "trainer_state.json").read_text())
+    record["files"][rel].update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (ckpt / "trainer_state.json").write_text(json.dumps(record))
+
+
+def exploits_never_run(acc, path: Path, root: Path) -> dict:
+    """Each file of the checkpoint in turn (in a copy) replaced by a pickle that would run code:
+    every rank must raise CheckpointError naming it (or not need the file), none may run it."""
+    files = C.broadcast_object(sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+                               if acc.is_main_process else None)
+    ran, outcomes = [], {}
+    for i, rel in enumerate(files):
+        case, marker = root / f"case_{i}" / path.name, root / f"ran_{i}"
+        if acc.is_main_process:
+            shutil.copytree(path, case)
+            _forge(case, rel, marker)
+        acc.wait_for_everyone()
+        try:
+            CheckpointManager(case.parent).load(case, acc)
+            msg = None
+        except CheckpointError as exc:
+            msg = str(exc)
+        msgs = C.all_gather_object(msg)
+        acc.wait_for_everyone()
+        if marker.exists():
+            ran.append(rel)
+        if msgs[0] is None:
+            outcomes[rel] = "ignored" if all(m is None for m in msgs) else f"only some ranks failed: {msgs}"
+        else:
+            named = all(m and "\n" not in m and (str(case / rel) in m or str((case / rel).parent) in m) for m in msgs)
+            outcomes[rel] = "refused" if named else f"unclear: {msgs}"
+        if acc.is_main_process:
+            shutil.rmtree(case.parent)
+    return {"ran": ran, "outcomes": outcomes}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", required=True)
@@ -269,6 +326,7 @@ def main() -> None:
         ckpt_files=sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()),
     )
     result["corrupt_errors"] = corrupt_copy_fails_everywhere(acc, cm, path, args.run_dir / "corrupt", args.backend)
+    result["exploits"] = exploits_never_run(acc, path, args.run_dir / "exploits")
     rng_all = C.all_gather_object(result["rng_match"])
     result["rng_match_all_ranks"] = all(rng_all)
     if acc.is_main_process:

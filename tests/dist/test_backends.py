@@ -237,7 +237,14 @@ def test_backend_trains_like_one_process_and_checkpoints(backend, tmp_path):
     assert r["rng_match_all_ranks"]
     assert _rel_close(r["resumed_loss"], ref[4]), (r["resumed_loss"], ref[4])
     assert ckpt_entry in r["ckpt_files"] and "COMPLETE" in r["ckpt_files"]
-    assert {"random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"} <= set(r["ckpt_files"])
+    assert {"rng_state_0.safetensors", "rng_state_1.safetensors", "trainer_state.json"} <= set(r["ckpt_files"])
+    # no file of the checkpoint runs code when resumed: each one replaced by an exploit (manifest
+    # rewritten to match) is refused on every rank, naming it, or not needed at all
+    ex = r["exploits"]
+    assert not ex["ran"] and set(ex["outcomes"]) == set(r["ckpt_files"]), ex
+    ignored = {rel for rel, o in ex["outcomes"].items() if o == "ignored"}
+    assert ignored <= {"COMPLETE", "zero_to_fp32.py", "zero_to_torch.py"}, ex  # never read (nor run)
+    assert all(o in ("refused", "ignored") for o in ex["outcomes"].values()), ex
     shard = SHARD_OF_RANK_1[backend]  # a truncated shard is refused on every rank, naming the file
     assert len(r["corrupt_errors"]) == 2 and all(shard in (m or "") for m in r["corrupt_errors"]), r["corrupt_errors"]
     if backend == "ddp":

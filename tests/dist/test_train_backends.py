@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -60,6 +61,7 @@ def runs(tmp_path_factory, fmnist2k_shards, fmnist_test_shards_small):
             out = tmp_path_factory.mktemp(backend) / "run"
             proc = launch(backend, out, fmnist2k_shards, fmnist_test_shards_small)
             assert proc.returncode == 0, f"{backend}: rc={proc.returncode}\n{proc.stderr[-4000:]}"
+            (out.parent / "launch.log").write_text(proc.stdout + proc.stderr)
             done[backend] = out
         return done[backend]
 
@@ -85,3 +87,16 @@ def test_backend_trains_through_the_cli(backend, runs):
     if backend != "ddp":  # same data, same initial weights, fp32: the same trajectory as DDP
         reference = [r["loss"] for r in read_log(runs("ddp"))]
         assert losses == pytest.approx(reference, rel=1e-4), (losses, reference)
+
+
+def test_launch_output_is_quiet(runs):
+    """Third-party loggers stay at WARNING: no DeepSpeed "Setting accelerator to CPU" from the
+    trainers (one per rank before), no accelerate / DeepSpeed INFO lines (five per checkpoint
+    before). The one such line left is `accelerate launch`'s own, printed when the launcher
+    imports DeepSpeed before any trainer starts (DS_ACCELERATOR=cpu in its env silences it)."""
+    text = (runs("zero2").parent / "launch.log").read_text()
+    assert text.count("Setting accelerator to CPU") <= 1, text[:3000]
+    noise = [ln for ln in text.splitlines()
+             if "[INFO]" in ln or re.search(r" INFO (accelerate|torch|DeepSpeed|deepspeed)[.:]", ln)]
+    assert not noise, noise[:10]
+    assert "INFO dist_ssl.engine.checkpoint: checkpoint saved" in text  # our own INFO lines stay

@@ -87,7 +87,7 @@ def _train_all(jobs: dict, parallel: int = 2, timeout: float = 600) -> None:
 
 def method_state(run, step: int) -> dict[str, torch.Tensor]:
     """The method's checkpointed state (Method.extra_state_dict) at ``step``."""
-    path = run / "checkpoints" / f"step_{step:08d}" / "custom_checkpoint_0.pkl"
+    path = run / "checkpoints" / f"step_{step:08d}" / "shared_method.pt"
     return torch.load(path, weights_only=True)
 
 

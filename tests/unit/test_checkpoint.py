@@ -3,11 +3,17 @@ crash safety and one-line errors for corrupt or incompatible checkpoints."""
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import json
 import os
+import pickle
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -193,7 +199,7 @@ def test_crash_mid_save_leaves_previous_checkpoint_loadable(acc, tmp_path):
     assert not temps[0].exists()
 
 
-@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"])
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state_0.safetensors"])
 def test_truncated_file_raises_one_line_error_naming_it(acc, tmp_path, name):
     model, opt, sched = make(acc)
     train(model, opt, sched, acc, 1)
@@ -211,10 +217,10 @@ def test_bad_trainer_state_missing_file_and_missing_marker(acc, tmp_path):
     model, opt, sched = make(acc)
     cm = CheckpointManager(tmp_path)
     path = cm.save(1, acc, {})
-    gone = path / "optimizer.bin"
+    gone = path / "optimizer.pt"
     data = gone.read_bytes()
     gone.unlink()
-    with pytest.raises(CheckpointError, match="optimizer.bin: missing"):
+    with pytest.raises(CheckpointError, match="optimizer.pt: missing"):
         cm.load(path, acc)
     gone.write_bytes(data)
     cm.load(path, acc)
@@ -266,11 +272,12 @@ def test_write_failure_raises_and_keeps_previous_checkpoint(acc, tmp_path):
 
     class Broken:
         def state_dict(self):
-            raise OSError("No space left on device")
+            raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(CheckpointError, match="rank 0 could not write its files .*No space left"):
+    with pytest.raises(CheckpointError, match="rank 0 could not write its files .*ENOSPC, disk full"):
         cm.save(2, acc, {}, per_rank={"shard": Broken()})
     assert cm.latest() == good and not cm.path_for(2).exists()
+    assert sorted(p.name for p in cm.root.iterdir()) == [good.name]  # the temp dir is gone
 
 
 def test_save_rejects_non_json_state_before_writing(acc, tmp_path):
@@ -290,3 +297,168 @@ def test_trainer_state_json_layout(acc, tmp_path):
     record = json.loads((path / "trainer_state.json").read_text())
     assert record["step"] == 12 and record["state"] == {"epoch": 2}
     assert record["meta"]["backend"] == "single" and record["meta"]["num_processes"] == 1
+
+
+# ----------------------------------------------------------------- untrusted and corrupt files
+
+
+class _Exploit:
+    """Unpickling this runs ``os.mkdir(marker)``: a stand-in for any command (``os.system``)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def exploit_payload(marker: Path, kind: str) -> bytes:
+    if kind == "pickle":  # a raw pickle, as torch.load / pickle.load read legacy files
+        return pickle.dumps({"state": _Exploit(marker)}, protocol=2)
+    buf = io.BytesIO()  # the zip archive torch.save writes, with the exploit inside its data.pkl
+    torch.save({"state": _Exploit(marker), "t": torch.zeros(2)}, buf)
+    return buf.getvalue()
+
+
+def forge(ckpt: Path, rel: str, data: bytes) -> None:
+    """Replace ``rel`` by ``data`` and make the manifest agree: whoever can write the directory
+    can rewrite trainer_state.json too, so the loaders themselves must be safe."""
+    (ckpt / rel).write_bytes(data)
+    if rel == "trainer_state.json":
+        return
+    state = ckpt / "trainer_state.json"
+    record = json.loads(state.read_text())
+    entry = record["files"].get(rel)
+    if isinstance(entry, dict):
+        entry.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    elif entry is not None:  # a size-only manifest
+        record["files"][rel] = len(data)
+    state.write_text(json.dumps(record))
+
+
+class Buffers:
+    """Stands in for the method's buffers / the EMA: the same on every rank, saved once."""
+
+    def __init__(self):
+        self.center = torch.zeros(4)
+
+    def state_dict(self):
+        return {"center": self.center.clone(), "updates": 3}
+
+    def load_state_dict(self, state):
+        self.center = state["center"].clone()
+
+
+def full_checkpoint(acc, root: Path):
+    """A checkpoint with every kind of file the engine writes on a plain backend."""
+    model, opt, sched = make(acc)
+    train(model, opt, sched, acc, 1)
+    local = nn.Linear(3, 2)
+    local_opt = torch.optim.SGD(local.parameters(), lr=0.1, momentum=0.9)
+    local(torch.randn(2, 3)).sum().backward()
+    local_opt.step()
+    objs = dict(per_rank={"fc": local, "fc_opt": local_opt}, shared={"method": Buffers()})
+    cm = CheckpointManager(root)
+    return cm, cm.save(1, acc, {"epoch": 0}, **objs), objs
+
+
+@pytest.mark.parametrize("kind", ["pickle", "torch_zip"])
+def test_no_checkpoint_file_runs_code_when_resumed(acc, tmp_path, kind):
+    cm, path, objs = full_checkpoint(acc, tmp_path / "run")
+    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+    assert {"model.safetensors", "optimizer.pt", "shared_method.pt", "rank_local_fc_00000.pt"} <= set(files)
+    for rel in files:
+        case = tmp_path / "case"
+        shutil.rmtree(case, ignore_errors=True)
+        shutil.copytree(path, case)
+        marker = tmp_path / f"pwned_{rel.replace('/', '_')}"
+        forge(case, rel, exploit_payload(marker, kind))
+        try:
+            cm.load(case, acc, **objs)
+            outcome = None
+        except CheckpointError as exc:
+            outcome = str(exc)
+        assert not marker.exists(), f"{rel}: loading the checkpoint ran code from it"
+        if rel == COMPLETE:  # only its presence matters
+            continue
+        assert outcome is not None and str(case / rel) in outcome and "\n" not in outcome, (rel, outcome)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt", "shared_method.pt"])
+def test_flipped_byte_is_a_one_line_error_naming_the_file(acc, tmp_path, name):
+    cm, path, objs = full_checkpoint(acc, tmp_path)
+    f = path / name
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x10  # same size: only the content hash can tell
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as err:
+        cm.load(path, acc, **objs)
+    msg = str(err.value)
+    assert msg.startswith(f"{f}: content differs from the checkpoint manifest (sha256 mismatch") and "\n" not in msg
+
+
+def test_unrestorable_rng_state_is_an_error(acc, tmp_path):
+    from safetensors.torch import save_file
+
+    cm, path, objs = full_checkpoint(acc, tmp_path / "run")
+    other = tmp_path / "other.safetensors"
+    save_file({"weight": torch.zeros(3)}, str(other))  # a valid file, but not an RNG state
+    forge(path, "rng_state_0.safetensors", other.read_bytes())
+    with pytest.raises(CheckpointError, match=r"rng_state_0\.safetensors: cannot restore the random number generators"):
+        cm.load(path, acc, **objs)
+
+
+def test_edited_step_in_the_trainer_state_is_refused(acc, tmp_path):
+    make(acc)
+    cm = CheckpointManager(tmp_path)
+    path = cm.save(4, acc, {})
+    state = path / "trainer_state.json"
+    record = json.loads(state.read_text())
+    for step, why in ((-3, "step -3 is not a non-negative integer"), ("4", "step '4' is not a non-negative integer"),
+                      (7, "step 7 does not match the directory name step_00000004")):
+        state.write_text(json.dumps({**record, "step": step}))
+        with pytest.raises(CheckpointError) as err:
+            cm.load(path, acc)
+        assert str(err.value).startswith(f"{state}: {why}"), str(err.value)
+
+
+@pytest.fixture
+def tiny_disk():
+    """(dir, mounted): a 1 MiB tmpfs when this process may mount one (root, as on the build
+    machines), else a plain dir (the test then simulates the full disk). Outside pytest's
+    basetemp, which another session's cleanup may rename under a live mount."""
+    disk = Path(tempfile.mkdtemp(prefix="dist_ssl_tiny_disk_"))
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                             capture_output=True).returncode == 0
+    try:
+        yield disk, mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(disk)], check=True)
+        shutil.rmtree(disk)
+
+
+def test_disk_full_during_save_names_enospc_and_keeps_the_previous(acc, tmp_path, tiny_disk, monkeypatch):
+    disk, mounted = tiny_disk
+    make(acc)
+    cm = CheckpointManager(disk)
+    good = cm.save(1, acc, {})
+    big = nn.Linear(1024, 1024)  # 4 MiB of weights: more than the disk holds
+    if not mounted:  # no tmpfs: every write through a Python file fails like a full disk
+        import dist_ssl.engine.checkpoint_io as cio
+
+        real_open = open
+
+        class FullDisk(io.FileIO):
+            def write(self, b):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(cio, "open", lambda p, mode="r", *a, **k: FullDisk(p, "wb") if "w" in mode
+                            else real_open(p, mode, *a, **k), raising=False)
+    with pytest.raises(CheckpointError) as err:
+        cm.save(2, acc, {}, per_rank={"big": big})
+    msg = str(err.value)
+    assert "no space left on device (ENOSPC, disk full" in msg and "\n" not in msg, msg
+    assert msg.endswith("the previous checkpoint is intact")
+    assert [p.name for p in cm.root.iterdir()] == [good.name]  # the partial save is gone: space is back
+    assert cm.load(good, acc) == {"step": 1}

@@ -1,9 +1,12 @@
 """``MetricsConfig`` and the factory that turns it into the sinks of one process."""
 from __future__ import annotations
 
+import errno
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dist_ssl.config.errors import ConfigError
 from dist_ssl.config.registry import register_section
 
 from .jsonl import JSONLSink
@@ -26,19 +29,42 @@ class MetricsConfig:
         default="127.0.0.1", metadata={"help": "exporter bind address; 0.0.0.0 exposes it to the network"})
     log_every_steps: int = field(
         default=10, metadata={"help": "log every N optimizer steps (each log syncs the device)"})
+    verbose: bool = field(
+        default=False, metadata={"help": "also show INFO logs of accelerate, DeepSpeed, torch.distributed "
+                                         "(WARNING and above otherwise); tools/train.py -v does the same"})
 
     def validate(self) -> None:
         if self.log_every_steps < 1:
             raise ValueError(f"log_every_steps: must be >= 1, got {self.log_every_steps}")
         if not 0 < self.prometheus_port_base < 65536:
             raise ValueError(f"prometheus_port_base: not a valid port: {self.prometheus_port_base}")
-        if not self.jsonl_name or "/" in self.jsonl_name:
-            raise ValueError(f"jsonl_name: must be a plain file name, got {self.jsonl_name!r}")
+        name = self.jsonl_name
+        if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+            raise ValueError(f"jsonl_name: must be a plain file name inside the run dir, got {name!r}")
         if not self.prometheus_host:
             raise ValueError("prometheus_host: must not be empty")
 
 
 register_section("metrics", MetricsConfig)
+
+
+def _prometheus_sink(cfg: MetricsConfig, *, run: str, rank: int, local_rank: int) -> PrometheusSink:
+    """The exporter, or a one-line ConfigError for a port in use / a host that is not this machine."""
+    port, host = prometheus_port(cfg.prometheus_port_base, local_rank), cfg.prometheus_host
+    try:
+        return PrometheusSink(port, host=host, run=run, rank=rank)
+    except socket.gaierror as exc:
+        raise ConfigError("metrics.prometheus_host", f"cannot resolve {host!r} ({exc.strerror}); use an address "
+                          "of this machine, e.g. 127.0.0.1") from None
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError("metrics.prometheus_port_base", f"port {port} on {host} is already in use (local rank "
+                              f"{local_rank} uses base + {local_rank}); choose another base or stop the process "
+                              "holding it") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise ConfigError("metrics.prometheus_host", f"{host!r} is not an address of this machine; use one of "
+                              "its addresses, e.g. 127.0.0.1") from None
+        raise ConfigError("metrics.prometheus_port_base", f"cannot serve on {host}:{port} ({exc})") from None
 
 
 def build_sinks(cfg: MetricsConfig, run_dir: str | Path, *, run: str, rank: int, local_rank: int,
@@ -55,8 +81,7 @@ def build_sinks(cfg: MetricsConfig, run_dir: str | Path, *, run: str, rank: int,
 
                 sinks.add(TensorBoardSink(run_dir / "tb"))
         if cfg.prometheus:
-            port = prometheus_port(cfg.prometheus_port_base, local_rank)
-            sinks.add(PrometheusSink(port, host=cfg.prometheus_host, run=run, rank=rank))
+            sinks.add(_prometheus_sink(cfg, run=run, rank=rank, local_rank=local_rank))
     except BaseException:
         sinks.close()  # do not leak an open file or bound port when a later sink fails
         raise

@@ -46,6 +46,10 @@ class MetricSink(abc.ABC):
     def log(self, step: int, metrics: Mapping[str, float], *, kind: str = "train") -> None:
         """Record ``metrics`` at global optimizer step ``step``."""
 
+    def rewind(self, step: int) -> None:
+        """The run continues from ``step`` (a resume): forget what was logged for later steps,
+        which are about to be logged again. Sinks that keep no history do nothing."""
+
     def close(self) -> None:
         """Flush and release resources (files, sockets). Idempotent."""
 
@@ -69,6 +73,10 @@ class MultiSink(MetricSink):
         values = scalarize(metrics)
         for sink in self.sinks:
             sink.log(step, values, kind=kind)
+
+    def rewind(self, step: int) -> None:
+        for sink in self.sinks:
+            sink.rewind(step)
 
     def close(self) -> None:
         # Close every sink even if one fails (e.g. a full disk must not leave the exporter

@@ -27,6 +27,8 @@ class TensorBoardSink(MetricSink):
                 "metrics.tensorboard=true needs the 'tensorboard' package (pip install tensorboard)"
             ) from e
         self.log_dir = Path(log_dir)
+        self._flush_secs = flush_secs
+        self._had_events = any(self.log_dir.glob("events.out.tfevents.*"))  # a run being resumed
         self._writer = SummaryWriter(log_dir=str(self.log_dir), flush_secs=flush_secs)
 
     def log(self, step: int, metrics: Mapping[str, float], *, kind: str = "train") -> None:
@@ -34,6 +36,19 @@ class TensorBoardSink(MetricSink):
             raise RuntimeError(f"TensorBoardSink({self.log_dir}) is closed")
         for name, value in scalarize(metrics).items():
             self._writer.add_scalar(f"{kind}/{name}", value, global_step=int(step))
+
+    def rewind(self, step: int) -> None:
+        """New event file whose ``purge_step`` makes TensorBoard drop the older files' events
+        after ``step`` (the run redoes them)."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        if self._writer is None:
+            raise RuntimeError(f"TensorBoardSink({self.log_dir}) is closed")
+        if not self._had_events:
+            return  # nothing logged before this run
+        self._writer.close()
+        self._writer = SummaryWriter(log_dir=str(self.log_dir), flush_secs=self._flush_secs,
+                                     purge_step=int(step) + 1)
 
     def flush(self) -> None:
         if self._writer is not None:
