@@ -21,10 +21,14 @@ class DataConfig:
                                "crop of the sample stays at or above its output size")
     pin_memory: bool = doc(True, "pin batches in page-locked memory when training on CUDA")
     non_blocking: bool = doc(True, "asynchronous host-to-device copies of batches")
+    blur_sigma_scale: float = doc(1.0, "multiplies the training views' Gaussian-blur sigma (policies' ranges are "
+                                  "for 224 px crops): crop size / 224 on small images, 0 = no blur")
 
     def validate(self) -> None:
         if self.num_workers < 0:
             raise ValueError("num_workers: must be >= 0")
+        if self.blur_sigma_scale < 0:
+            raise ValueError(f"blur_sigma_scale: must be >= 0, got {self.blur_sigma_scale}")
 
 
 @dataclass

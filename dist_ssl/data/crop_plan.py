@@ -139,7 +139,7 @@ def _draw_jitter(rng: random.Random, strength) -> tuple[tuple[int, ...], tuple]:
 
 
 def _train_plan(width: int, height: int, group: CropGroup, policy: Policy,
-                rng: random.Random, hook: bool) -> ViewPlan:
+                rng: random.Random, hook: bool, blur_sigma_scale: float = 1.0) -> ViewPlan:
     box = sample_crop(rng, width, height, group.scale, group.ratio)
     flip = rng.random() < policy.flip_p
     order = factors = None
@@ -148,6 +148,8 @@ def _train_plan(width: int, height: int, group: CropGroup, policy: Policy,
     gray = policy.gray_p > 0 and rng.random() < policy.gray_p
     blur_p = policy.blur_p if group.blur_p is None else group.blur_p
     sigma = rng.uniform(*policy.blur_sigma) if blur_p > 0 and rng.random() < blur_p else None
+    if sigma is not None:
+        sigma *= blur_sigma_scale  # after the draw: the same RNG sequence at any scale
     solarize_p = policy.solarize_p if group.solarize_p is None else group.solarize_p
     solarize = solarize_p > 0 and rng.random() < solarize_p
     return ViewPlan(group.size, box, None, flip, order, factors, gray, sigma, solarize,
@@ -172,7 +174,8 @@ def plan_views(width: int, height: int, spec: ViewSpec,
     if spec.policy == "eval":
         return [_eval_plan(width, height, g, r, hook) for g, r in zip(spec.view_groups, rngs)]
     policy = POLICIES[spec.policy]
-    return [_train_plan(width, height, g, policy, r, hook) for g, r in zip(spec.view_groups, rngs)]
+    return [_train_plan(width, height, g, policy, r, hook, spec.blur_sigma_scale)
+            for g, r in zip(spec.view_groups, rngs)]
 
 
 def max_reduction(plans: list[ViewPlan], limit: int = 8) -> int:

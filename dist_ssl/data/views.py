@@ -63,12 +63,17 @@ class ViewSpec:
     # Optional PIL -> PIL transform applied to every crop after the policy (e.g. a timm
     # RandAugment). It may use Python/numpy/torch global RNGs: they are seeded per crop.
     hook: Optional[Callable] = field(default=None, compare=False)
+    # Multiplies every drawn Gaussian-blur sigma (the policies' ranges are in pixels of 224 px
+    # crops): e.g. 16 / 224 keeps the blur's size relative to a 16 px crop; 0 = no blur.
+    blur_sigma_scale: float = 1.0
 
     def __post_init__(self):
         if not self.groups:
             raise ValueError("ViewSpec needs at least one CropGroup")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {POLICIES}")
+        if not self.blur_sigma_scale >= 0:
+            raise ValueError(f"ViewSpec.blur_sigma_scale must be >= 0, got {self.blur_sigma_scale}")
         if self.in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 or 3, got {self.in_chans}")
         for name in ("mean", "std"):

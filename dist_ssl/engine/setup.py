@@ -6,6 +6,7 @@ The engine never looks at method names: it asks the method for its views, its da
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -71,7 +72,8 @@ def build_run(cfg) -> RunParts:
         if n_bn:
             log.info("%d BatchNorm layers normalise over the global batch (parallel.global_batchnorm)", n_bn)
     # uint8 views (pinned on CUDA), normalised on the device by TrainLoader.to_device
-    loader = build_train_loader(cfg.data.train, method.train_views(), cfg.train.batch_size,
+    views = dataclasses.replace(method.train_views(), blur_sigma_scale=cfg.data.blur_sigma_scale)
+    loader = build_train_loader(cfg.data.train, views, cfg.train.batch_size,
                                 rank=rank, world_size=world, num_workers=cfg.data.num_workers,
                                 seed=cfg.seed, drop_last=cfg.data.drop_last, uint8_views=True,
                                 pin_memory=cfg.data.pin_memory and accelerator.device.type == "cuda",

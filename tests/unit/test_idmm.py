@@ -362,3 +362,14 @@ def test_classifier_lr_scale_reaches_the_rank_local_optimizer_only(fmnist2k_shar
     assert lr > 0 and dp7 == dp1 == pytest.approx([lr] * len(dp1))  # no warmup: step 0 at the run's lr
     assert local1 == pytest.approx([lr] * len(local1))
     assert local7 == pytest.approx([7.0 * lr] * len(local7))
+
+
+def test_data_blur_sigma_scale_reaches_the_training_views(fmnist2k_shards, tmp_path):
+    from dist_ssl.config import load_config
+    from dist_ssl.engine.setup import build_run
+
+    cfg = load_config("recipes/idmm_fmnist2k.yaml",
+                      [f"output_dir={tmp_path}", f"data.train={fmnist2k_shards}", "train.steps=2",
+                       "data.num_workers=0", "data.blur_sigma_scale=0.25"])
+    spec = build_run(cfg).loader.spec
+    assert spec.blur_sigma_scale == 0.25 and spec.groups == cfg.method.crop_groups()

@@ -137,3 +137,27 @@ def test_spec_validation():
     with pytest.raises(ValueError):
         ViewSpec([CropGroup(1, 32)], in_chans=1, mean=(0.1, 0.2, 0.3))
     assert ViewSpec([CropGroup(1, 32)], in_chans=1).norm[0] == pytest.approx((0.449,), abs=1e-3)
+
+
+def test_blur_sigma_scale_scales_the_drawn_blur_only(photo):
+    """blur_sigma_scale multiplies the sigma drawn from the policy's range and nothing else: the
+    same draws (boxes, jitter) at any scale; scale 0 = the blur-free views; plans carry sigma x s."""
+    from dist_ssl.data.crop_plan import plan_views
+
+    groups = [CropGroup(2, 32, (0.3, 1.0), blur_p=1.0)]
+    spec = ViewSpec(groups, policy="simclr")
+    w, h = photo.size
+    base = plan_views(w, h, spec, _rngs(2, seed=3))
+    half = plan_views(w, h, ViewSpec(groups, policy="simclr", blur_sigma_scale=0.5), _rngs(2, seed=3))
+    for a, b in zip(base, half):
+        assert a.box == b.box and a.jitter_factors == b.jitter_factors
+        assert b.blur_sigma == pytest.approx(0.5 * a.blur_sigma) and a.blur_sigma > 0.1
+    no_blur = make_views(photo, ViewSpec(groups, policy="simclr", blur_sigma_scale=0.0), _rngs(2, seed=3))
+    unblurred = make_views(photo, ViewSpec([CropGroup(2, 32, (0.3, 1.0), blur_p=0.0)], policy="simclr"),
+                           _rngs(2, seed=3))
+    blurred = make_views(photo, spec, _rngs(2, seed=3))
+    # blur_p=0 draws no sigma, so its later draws (none here) could shift; boxes/jitter come first
+    assert all(np.array_equal(a, b) for a, b in zip(no_blur, unblurred))
+    assert not all(np.array_equal(a, b) for a, b in zip(blurred, unblurred))
+    with pytest.raises(ValueError, match="blur_sigma_scale"):
+        ViewSpec(groups, blur_sigma_scale=-1.0)
