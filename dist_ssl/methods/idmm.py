@@ -63,7 +63,8 @@ class IDMMConfig(MethodConfig):
     blur_p: Optional[float] = doc(None, "Gaussian-blur probability override (tiny images: 0); None = policy's")
     multi_crop: bool = doc(True, "Table 8 switch: local crops on; False = global crops only")
     small_resolution: bool = doc(True, "Table 8 switch: False = every crop size and model.img_size x resolution_factor")
-    resolution_factor: int = doc(2, "crop and model.img_size multiplier when small_resolution is off (112 -> 224)")
+    resolution_factor: float = doc(2.0, "crop and model.img_size multiplier when small_resolution is off (112 -> 224; "
+                                   "sizes rounded, e.g. 1.75: 16 -> 28)")
     cutmix: bool = doc(True, "Table 8 switch: CutMix on instance labels")
     cutmix_alpha: float = doc(0.5, "CutMix lam ~ Beta(alpha, alpha)")
     cutmix_fold: bool = doc(True, "lam = max(lam, 1 - lam): the patch covers at most half the image "
@@ -102,10 +103,10 @@ class IDMMConfig(MethodConfig):
     def crop_groups(self) -> list[CropGroup]:
         """The crop groups of the data, Table 8 switches applied (global first)."""
         factor = 1 if self.small_resolution else self.resolution_factor
-        groups = [CropGroup(self.global_crops, self.global_size * factor, tuple(self.global_scale),
+        groups = [CropGroup(self.global_crops, round(self.global_size * factor), tuple(self.global_scale),
                             blur_p=self.blur_p)]
         if self.multi_crop and self.local_crops > 0:
-            size = (self.local_size or self.global_size) * factor
+            size = round((self.local_size or self.global_size) * factor)
             groups.append(CropGroup(self.local_crops, size, tuple(self.local_scale), blur_p=self.blur_p))
         return groups
 
@@ -117,7 +118,7 @@ def backbone_config(cfg: IDMMConfig, model_cfg):
     native grid, nothing to resample when fine-tuning at 224)."""
     out = dataclasses.replace(model_cfg, num_classes=0, extra=dict(model_cfg.extra))
     if not cfg.small_resolution and out.img_size is not None:
-        out.img_size = out.img_size * cfg.resolution_factor
+        out.img_size = round(out.img_size * cfg.resolution_factor)
     return out
 
 

@@ -373,3 +373,13 @@ def test_data_blur_sigma_scale_reaches_the_training_views(fmnist2k_shards, tmp_p
                        "data.num_workers=0", "data.blur_sigma_scale=0.25"])
     spec = build_run(cfg).loader.spec
     assert spec.blur_sigma_scale == 0.25 and spec.groups == cfg.method.crop_groups()
+
+
+def test_fractional_resolution_factor_rounds_crops_and_backbone():
+    """resolution_factor 1.75 takes the 16 px / 8 px analog to the 28 px fine-tuning size: crops
+    16 -> 28 and 8 -> 14, backbone native 16 -> 28 (sizes rounded)."""
+    cfg = IDMMConfig(global_size=16, local_size=8, local_crops=2, small_resolution=False,
+                     resolution_factor=1.75, seed=3)
+    method = build_method(cfg, make_ctx(dynamic=True))
+    assert [(g.count, g.size) for g in method.train_views().groups] == [(2, 28), (2, 14)]
+    assert method.backbone().patch_embed.img_size == (28, 28)
