@@ -60,9 +60,17 @@ def register_variant(base: type, name: str) -> Callable[[T], T]:
     return wrap
 
 
+# The built-in sections' order in a resolved config (config.yaml, the experiment runner's
+# fingerprint): fixed, not the import order, which differs between a trainer process and one that
+# imported a model or method module first.
+SECTION_ORDER = ("data", "train", "ckpt", "model", "optim", "metrics", "parallel", "method")
+
+
 def sections() -> dict[str, type]:
+    """Registered sections: the built-ins in SECTION_ORDER, then others in registration order."""
     load_builtin_sections()
-    return dict(_SECTIONS)
+    ordered = {name: _SECTIONS[name] for name in SECTION_ORDER if name in _SECTIONS}
+    return ordered | {name: cls for name, cls in _SECTIONS.items() if name not in ordered}
 
 
 def variant_sections() -> set[str]:

@@ -1,6 +1,7 @@
 """Command line of ``tools/eval.py``: k-NN and linear-probe accuracy of a frozen backbone.
 
-    python tools/eval.py --backbone RUN_DIR|FILE.safetensors --train SHARDS --test SHARDS
+    python tools/eval.py (--backbone RUN_DIR|FILE.safetensors | --random ARCH --in-chans C --img-size S --out F)
+        --train SHARDS --test SHARDS
         [--img-size S] [--methods knn,linear] [--knn-k 20] [--knn-t 0.07]
         [--linear-epochs 100] [--linear-wd 1e-4[,1e-3,...]] [--batch-size 256] [--workers 2]
         [--out FILE.json] [--save-features FILE.safetensors] [--device cpu|cuda]
@@ -31,6 +32,7 @@ from dist_ssl.eval.features import (EvalError, extract_features, load_frozen_bac
                                     resolve_backbone_path, save_features)
 from dist_ssl.eval.knn import knn_accuracy
 from dist_ssl.eval.linear_probe import LinearProbeConfig, linear_probe
+from dist_ssl.models import ModelConfig, create_backbone
 from dist_ssl.parallel.collectives import get_rank, get_world_size, is_dist
 
 PROG = "eval"
@@ -55,7 +57,11 @@ def _csv(kind, choices=None):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="k-NN / linear-probe accuracy of a "
                                 "frozen backbone on shard dirs.")
-    p.add_argument("--backbone", required=True, help="run dir (with backbone.safetensors) or export file")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--backbone", help="run dir (with backbone.safetensors) or export file")
+    src.add_argument("--random", metavar="ARCH", help="a randomly initialised backbone instead (the random-init "
+                     "reference row of a table; seeded by --seed; needs --img-size and --out)")
+    p.add_argument("--in-chans", type=int, default=3, help="input channels of --random")
     p.add_argument("--train", required=True, help="train shard dir (tools/make_shards.py)")
     p.add_argument("--test", required=True, help="test shard dir")
     p.add_argument("--img-size", type=int, default=None, help="eval resolution; default: the export's")
@@ -87,7 +93,9 @@ def _check_inputs(a) -> tuple[Path, Path, dict]:
     _check_device(a.device)
     if any(wd < 0 for wd in a.linear_wd):
         raise EvalError(f"--linear-wd must be >= 0, got {a.linear_wd}")
-    backbone = resolve_backbone_path(a.backbone)
+    if a.random and (a.img_size is None or a.out is None or a.in_chans not in (1, 3)):
+        raise EvalError("--random needs --img-size, --out and --in-chans 1 or 3")
+    backbone = None if a.random else resolve_backbone_path(a.backbone)
     out = Path(a.out) if a.out else backbone.parent / OUT_NAME
     for path in (out, Path(a.save_features or out)):
         if not path.parent.is_dir():
@@ -97,6 +105,22 @@ def _check_inputs(a) -> tuple[Path, Path, dict]:
         raise EvalError(f"{a.train} and {a.test} have different classes "
                         f"({manifests['train'].num_classes} vs {manifests['test'].num_classes})")
     return backbone, out, manifests
+
+
+def random_backbone(a) -> tuple[torch.nn.Module, dict]:
+    """A headless ``a.random`` backbone with seeded random weights, in eval mode, and its info."""
+    torch.manual_seed(a.seed)
+    try:
+        model = create_backbone(ModelConfig(name=a.random, img_size=a.img_size, in_chans=a.in_chans))
+    except (ValueError, RuntimeError) as e:
+        raise EvalError(f"--random {a.random}: {_first(e)}") from None
+    info = {"architecture": a.random, "in_chans": a.in_chans, "img_size": a.img_size,
+            "num_features": int(model.num_features)}
+    return model.eval().requires_grad_(False), info
+
+
+def _first(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _check_device(name: str | None) -> None:
@@ -160,7 +184,7 @@ def _metrics(a, tr, te, num_classes: int, device) -> dict:
 
 def _run(a) -> int:
     backbone, out, manifests = _check_inputs(a)
-    model, info = load_frozen_backbone(backbone, a.img_size)
+    model, info = random_backbone(a) if a.random else load_frozen_backbone(backbone, a.img_size)
     device, own_group = _setup_distributed(a.device)
     rank, world = get_rank(), get_world_size()
     model.to(device)
@@ -181,7 +205,7 @@ def _run(a) -> int:
     for key in ("knn_top1", "knn_top5", "linear_top1", "linear_top5"):
         if key in res:
             print(f"{PROG}: {key} {res[key]:.4f}")
-    res.update(backbone=str(backbone), **info, train=str(a.train), test=str(a.test),
+    res.update(backbone=str(backbone) if backbone else f"random:{a.random}", **info, train=str(a.train), test=str(a.test),
                num_train=len(tr[0]), num_test=len(te[0]),
                num_classes=manifests["train"].num_classes, world_size=world,
                seconds={"extract": round(t_extract, 2), "metrics": round(time.perf_counter() - t1, 2)})

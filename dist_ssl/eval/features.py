@@ -69,6 +69,9 @@ def load_frozen_backbone(path: str | os.PathLike,
                         f"1 (grayscale) or 3 (RGB) channel images")
     native = _meta_int(path, meta, "img_size", meta["img_size"].split("x")[0])
     size = native if img_size is None else int(img_size)
+    if not timm.is_model(arch):
+        raise EvalError(f"{path}: cannot load {arch} at {size}px: unknown architecture (not a timm or "
+                        "dist_ssl model name; was the export written by another version?)")
     try:
         if size == native:
             # timm builds a fixed-size model at its arch default unless told (registered small

@@ -100,7 +100,12 @@ def _changed_keys(old: str, new: str) -> list[str]:
         a, b = flat(yaml.safe_load(old)), flat(yaml.safe_load(new))
     except yaml.YAMLError:
         return ["(unreadable)"]
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) or type(a.get(k)) is not type(b.get(k)))
+    if keys or old == new:
+        return keys
+    # Equal values, other text (e.g. key order): name the first line that differs.
+    first = next((o, n) for o, n in zip(old.splitlines() + [""], new.splitlines() + [""]) if o != n)
+    return [f"line {first[0]!r} -> {first[1]!r}"]
 
 
 def state(stage: StageRun, resolved: Resolved, upstream: Optional[Resolved]) -> tuple[str, str]:

@@ -167,3 +167,20 @@ def test_name_override_of_a_plain_section_keeps_its_other_keys(tmp_path):
     assert (cfg.model.name, cfg.model.img_size) == ("vit_pico", 28)
     cfg = load_config(recipe, ["method.name=supervised"])
     assert cfg.method.label_smoothing == 0.1
+
+
+@pytest.mark.parametrize("first_import", ["dist_ssl.config", "dist_ssl.methods"])
+def test_resolved_config_text_does_not_depend_on_import_order(first_import):
+    """config.yaml (and the experiment runner's fingerprint of it) is the same text in a trainer
+    process and in one that imported a method or model module first: sections in a fixed order."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "fmnist" / "finetune.yaml"
+    code = (f"import {first_import}\nfrom dist_ssl.config import load_config, config_to_yaml\n"
+            f"print(config_to_yaml(load_config({str(recipe)!r})))")
+    text = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    top = [line.rstrip(":") for line in text.splitlines() if line and not line.startswith((" ", "-"))
+           and line.endswith(":")]
+    assert top == ["data", "train", "ckpt", "model", "optim", "metrics", "parallel", "method"]

@@ -36,7 +36,7 @@ def run(capsys, backbone, shards, *extra) -> str:
     ("img_size", "abc", "metadata img_size='abc' is not a positive integer"),
     ("img_size", "0x0", "metadata img_size='0x0' is not a positive integer"),
     ("in_chans", "x", "metadata in_chans='x' is not a positive integer"),
-    ("architecture", "no_such_vit", "cannot load no_such_vit at 28px: Unknown model"),
+    ("architecture", "no_such_vit", "cannot load no_such_vit at 28px: unknown architecture"),
 ])
 def test_bad_backbone_metadata(capsys, tmp_path, shards, export, key, value, reason):
     bad = tmp_path / "bad.safetensors"
@@ -49,3 +49,24 @@ def test_unusable_device(capsys, shards, export, device):
     err = run(capsys, export, shards, "--device", device)
     assert err.startswith(f"--device {device!r}: not a device" if device in ("banana", "meta")
                           else f"--device {device}: ")
+
+
+def test_random_backbone_equals_an_export_of_the_same_seeded_init(capsys, tmp_path, shards):
+    """--random ARCH scores the seeded random init itself: the same numbers as exporting that init
+    and evaluating the file; without --img-size/--out it is one line."""
+    import json
+
+    common = ["--train", str(shards), "--test", str(shards), "--workers", "0", "--methods", "knn", "-q",
+              "--img-size", "16", "--seed", "3"]
+    assert main(["--random", "vit_pico_patch4_28", "--in-chans", "1", "--out", str(tmp_path / "r.json"),
+                 *common]) == 0
+    torch.manual_seed(3)
+    path = export_backbone(create_backbone(ModelConfig(name="vit_pico_patch4_28", img_size=16, in_chans=1)),
+                           tmp_path / "backbone.safetensors")
+    assert main(["--backbone", str(path), "--out", str(tmp_path / "e.json"), *common]) == 0
+    rand, exported = (json.loads((tmp_path / f).read_text()) for f in ("r.json", "e.json"))
+    assert rand["backbone"] == "random:vit_pico_patch4_28"
+    assert (rand["knn_top1"], rand["knn_top5"]) == (exported["knn_top1"], exported["knn_top5"])
+    capsys.readouterr()
+    assert main(["--random", "vit_pico_patch4_28", "--train", str(shards), "--test", str(shards)]) == 2
+    assert "--random needs --img-size, --out" in capsys.readouterr().err

@@ -15,7 +15,9 @@ from dist_ssl.methods.idmm import _check_crop_sizes, backbone_config
 from dist_ssl.models.export import export_backbone
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
-ALL = sorted(p for p in RECIPES.rglob("*.yaml") if "accelerate" not in p.relative_to(RECIPES).parts)
+# accelerate/: launcher configs; experiments/: experiment files (tests/unit/test_experiment_spec.py)
+ALL = sorted(p for p in RECIPES.rglob("*.yaml")
+             if not {"accelerate", "experiments"} & set(p.relative_to(RECIPES).parts))
 
 
 def _name(p: Path) -> str:
