@@ -49,6 +49,7 @@ from dist_ssl.parallel.sharded_fc_ckpt import reshard_rows, reshard_state
 __all__ = ["shard_range", "sharded_soft_cross_entropy", "reshard_rows", "grad_scale", "init_rows", "ShardedLinear"]
 
 INIT_BLOCK_ROWS = 4096  # init RNG granularity: row i depends only on (seed, i // 4096), never on P or N
+_LIFT_ELEMS = 1 << 20  # low-precision logits: elements lifted to fp32 at a time for the exp (4 MB)
 
 
 # ----------------------------------------------------------------------------- layout
@@ -143,7 +144,8 @@ class _ShardedSoftCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, b, a, bb, lam, start: int, num_classes: int, eps: float, chunk: int, group):
-        stat = torch.promote_types(w.dtype, torch.float32)
+        # x is in the compute dtype (logits too); w / b may be wider (fp32 master weights)
+        stat = torch.promote_types(x.dtype, torch.float32)
         m_rows, n_local = x.shape[0], w.shape[0]
         la, lb = a - start, bb - start
         in_a, in_b = (la >= 0) & (la < n_local), (lb >= 0) & (lb < n_local)
@@ -152,7 +154,7 @@ class _ShardedSoftCE(torch.autograd.Function):
         rsum = torch.zeros(m_rows, dtype=stat, device=x.device)  # running sum of exp(z - rmax)
         za, zb, zsum = (torch.zeros(m_rows, dtype=stat, device=x.device) for _ in range(3))
         width = _block_width(chunk, m_rows, n_local)
-        flat = x.new_empty(m_rows * width, dtype=stat)  # the one block-sized buffer
+        flat = x.new_empty(m_rows * width)  # the one block-sized buffer, in the compute dtype
         ctx.cache = None
         for c0 in range(0, n_local, width):
             c1 = min(n_local, c0 + width)
@@ -160,9 +162,9 @@ class _ShardedSoftCE(torch.autograd.Function):
             for ids, hit, out in ((la, in_a, za), (lb, in_b, zb)):
                 inb, col = _in_block(ids, hit, c0, c1)  # each target lies in one block: += is a set
                 out += torch.where(inb, z.gather(1, col[:, None]).squeeze(1), 0.0)
-            zsum += z.sum(1)
-            new_max = torch.maximum(rmax, z.amax(1))
-            rsum.mul_((rmax - new_max).exp_()).add_(z.sub_(new_max[:, None]).exp_().sum(1))
+            zsum += z.sum(1, dtype=stat)  # the eps/N term: summed in >= fp32
+            new_max = torch.maximum(rmax, z.amax(1).to(stat))
+            rsum.mul_((rmax - new_max).exp_()).add_(_exp_rows_(z, new_max, want_sum=True))
             rmax = new_max
             if c1 - c0 == n_local:
                 ctx.cache = (z, rmax)  # exp(z - rmax): p = this * exp(rmax - lse) in backward
@@ -183,31 +185,35 @@ class _ShardedSoftCE(torch.autograd.Function):
         gw = torch.empty_like(w) if need_w else None  # every block writes its rows once
         gb = torch.empty_like(b) if need_b else None
         scale = g.to(lse.dtype) / m_rows  # dL/dz = scale * (p - q); applied to the small factors
-        xs = (x * scale).to(w.dtype) if need_w else None
+        xs = (x * scale).to(x.dtype) if need_w else None
         cache, ctx.cache = ctx.cache, None  # a second backward (retain_graph) recomputes
         flat = None
         with torch.autocast(x.device.type, enabled=False):
             for c0 in range(0, n_local, width):
                 c1 = min(n_local, c0 + width)
+                wc = w[c0:c1].to(x.dtype)  # the compute-dtype block (a copy only for wider master weights)
                 if cache is not None:  # one block: finish the forward's buffer in place
                     gz = cache[0].mul_((cache[1] - lse).exp_()[:, None])
+                    gz.sub_(eps / num_classes)
                 else:
-                    flat = x.new_empty(m_rows * width, dtype=lse.dtype) if flat is None else flat
-                    gz = _block_logits(x, w[c0:c1], None if b is None else b[c0:c1], flat[: m_rows * (c1 - c0)])
-                    gz.sub_(lse[:, None]).exp_()
-                gz.sub_(eps / num_classes)  # p - q, below: the (1-eps) * lam / (1-lam) target terms
+                    flat = x.new_empty(m_rows * width) if flat is None else flat
+                    gz = _block_logits(x, wc, None if b is None else b[c0:c1], flat[: m_rows * (c1 - c0)])
+                    _exp_rows_(gz, lse, minus=eps / num_classes)
+                # p - q; here the (1-eps) * lam / (1-lam) target terms, added in >= fp32, rounded once
                 for ids, hit, wt in ((la, in_a, lam), (lb, in_b, 1 - lam)):
                     inb, col = _in_block(ids, hit, c0, c1)
-                    gz.scatter_add_(1, col[:, None], torch.where(inb, (eps - 1) * wt, 0.0)[:, None])
-                gz = gz.to(w.dtype)
-                if need_w:
+                    at = gz.gather(1, col[:, None]).squeeze(1)
+                    gz.scatter_(1, col[:, None], torch.where(inb, at + (eps - 1) * wt, at).to(gz.dtype)[:, None])
+                if need_w and gw.dtype == gz.dtype:
                     torch.mm(gz.t(), xs, out=gw[c0:c1])
-                if need_x and gx.dtype == w.dtype:
-                    gx.addmm_(gz, w[c0:c1])
+                elif need_w:
+                    gw[c0:c1] = gz.t() @ xs
+                if need_x and gx.dtype == gz.dtype:
+                    gx.addmm_(gz, wc)
                 elif need_x:
-                    gx += gz @ w[c0:c1]
+                    gx += gz @ _fast_right_operand(wc)  # each block's partial rounded once, summed in fp32
                 if need_b:
-                    gb[c0:c1] = gz.sum(0) * scale
+                    gb[c0:c1] = gz.sum(0, dtype=lse.dtype) * scale
         if need_x:
             gx = gx.mul_(scale).to(x.dtype)
         return gx, gw, gb, None, None, None, None, None, None, None, None
@@ -228,13 +234,63 @@ def _block_width(chunk: int, m_rows: int, n_local: int) -> int:
 
 
 def _block_logits(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], flat: torch.Tensor) -> torch.Tensor:
-    """Logits [M, width] of a class block, written into the contiguous buffer ``flat`` (no
-    allocation per block)."""
+    """Logits [M, width] of a class block in x's (the compute) dtype, written into the contiguous
+    buffer ``flat`` (no allocation per block; wider master weights are cast block by block)."""
     out = flat.view(x.shape[0], w.shape[0])
-    if out.dtype != w.dtype:  # low-precision weights: statistics in fp32 need a converted copy
-        return out.copy_(x @ w.t() if b is None else torch.addmm(b, x, w.t()))
-    torch.mm(x, w.t(), out=out)
-    return out if b is None else out.add_(b)
+    torch.mm(x, w.to(x.dtype).t(), out=out)
+    return out if b is None else out.add_(b.to(x.dtype))
+
+
+def _fast_right_operand(wc: torch.Tensor) -> torch.Tensor:
+    """``wc`` laid out for ``gz @ wc`` (a reduction over all of the block's classes). CPU bf16
+    GEMMs with a row-major right operand and a long reduction fall off oneDNN's fast path
+    (measured 40x slower than a column-major copy at 64 x 100k x 192); GPUs take either layout."""
+    if wc.device.type == "cpu" and wc.dtype == torch.bfloat16:
+        return wc.t().contiguous().t()
+    return wc
+
+
+def _exp_rows_(z: torch.Tensor, shift: torch.Tensor, minus: float = 0.0, want_sum: bool = False):
+    """In place ``z <- exp(z - shift[:, None]) - minus``; with ``want_sum`` returns the row sums
+    of exp(z - shift) [M] in shift's dtype (>= fp32).
+
+    z in shift's dtype: plain in-place ops. Lower-precision z (bf16 logits): rows are lifted to
+    shift's dtype a slice at a time (a temporary of at most max(2^20, one row) elements), so the
+    only rounding is the final store (relative 2^-9). Rounding z - shift to bf16 before the exp
+    would put up to 2^-9 * |z - shift| (|z - lse| ~ log N = 14 at N = 1.28M) into the exponent:
+    ~3 % error on p.
+    """
+    if z.dtype == shift.dtype:
+        z.sub_(shift[:, None]).exp_()
+        sums = z.sum(1) if want_sum else None
+        if minus:
+            z.sub_(minus)
+        return sums
+    sums = shift.new_empty(z.shape[0]) if want_sum else None
+    rows = max(1, _LIFT_ELEMS // max(z.shape[1], 1))
+    for r0 in range(0, z.shape[0], rows):
+        part = z[r0:r0 + rows].to(shift.dtype).sub_(shift[r0:r0 + rows, None]).exp_()
+        if want_sum:
+            sums[r0:r0 + rows] = part.sum(1)
+        if minus:
+            part.sub_(minus)
+        z[r0:r0 + rows] = part
+    return sums
+
+
+def _compute_dtype(requested: Optional[torch.dtype], weight: torch.Tensor, device: torch.device) -> torch.dtype:
+    """The dtype of features, matmuls and logits (statistics are always >= fp32).
+
+    None follows a bf16 autocast (``parallel.mixed_precision: bf16``) for fp32 weights, as
+    autocast would for an nn.Linear; fp16 is never chosen (p ~ 1/N falls into fp16's subnormals
+    at large N), and a fp16 autocast leaves the loss in the weight's dtype."""
+    if requested is None:
+        bf16_autocast = torch.is_autocast_enabled(device.type) and \
+            torch.get_autocast_dtype(device.type) == torch.bfloat16
+        requested = torch.bfloat16 if bf16_autocast and weight.dtype == torch.float32 else weight.dtype
+    if requested not in (torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"compute_dtype must be bfloat16, float32 or float64, got {requested}")
+    return requested
 
 
 def _global_stats(lse_loc: torch.Tensor, tgt_loc: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,7 +307,8 @@ def _global_stats(lse_loc: torch.Tensor, tgt_loc: torch.Tensor, group) -> tuple[
 
 
 def sharded_soft_cross_entropy(features, weight_shard, shard_start, num_classes, target_a, target_b, lam,
-                               smoothing=0.0, group=None, chunk_size=None, bias_shard=None) -> torch.Tensor:
+                               smoothing=0.0, group=None, chunk_size=None, bias_shard=None,
+                               compute_dtype=None) -> torch.Tensor:
     """Mean over the global batch of -sum_j q_j log softmax(x W^T + bias)_j; the same on every rank.
 
     features [B, D]: this rank's rows (B may differ between ranks: one extra tiny all-gather of
@@ -261,7 +318,9 @@ def sharded_soft_cross_entropy(features, weight_shard, shard_start, num_classes,
     ``smoothing`` = eps. ``chunk_size``: logit memory in rows, C x n_local elements per block (None = the whole global batch).
     ``group``: process group of the shards (None = default group; without an initialised group
     this is the exact single-process loss and the shard must be all N classes). Every rank of
-    the group must call it (collectives in forward and backward). Returns a 0-d tensor.
+    the group must call it (collectives in forward and backward). ``compute_dtype``: dtype of
+    the gathered features, the matmuls and the logits (None = bf16 under a bf16 autocast with
+    fp32 weights, else the weight's dtype; see "Precision" in the module doc). Returns a 0-d tensor.
     """
     rank, world = _group_rank_size(group)
     n_local = weight_shard.shape[0]
@@ -278,7 +337,7 @@ def sharded_soft_cross_entropy(features, weight_shard, shard_start, num_classes,
     if not (target_a.shape == target_b.shape == lam.shape == (b_rows,)):
         raise ValueError(f"target_a/target_b/lam must be [{b_rows}], got {tuple(target_a.shape)}, "
                          f"{tuple(target_b.shape)}, {tuple(lam.shape)}")
-    x = features.to(weight_shard.dtype)
+    x = features.to(_compute_dtype(compute_dtype, weight_shard, features.device))
     # one [B, 3] float64 gather for the targets (ids < 2**53 are exact in float64)
     tgt = torch.stack([t.to(x.device, torch.float64) for t in (target_a, target_b, lam)], 1)
     if world > 1:
@@ -342,12 +401,13 @@ class ShardedLinear(nn.Module):
             raise RuntimeError(f"ShardedLinear built for rank {self.rank}/{self.world_size} but the process group "
                                f"is rank {rank}/{world}")
 
-    def loss(self, features, target_a, target_b, lam, smoothing=0.0, chunk_size=None) -> torch.Tensor:
+    def loss(self, features, target_a, target_b, lam, smoothing=0.0, chunk_size=None,
+             compute_dtype=None) -> torch.Tensor:
         """``sharded_soft_cross_entropy`` with this shard (features [B, D] of this rank)."""
         self._check_group()
         return sharded_soft_cross_entropy(features, self.weight, self.shard_start, self.num_classes, target_a,
                                           target_b, lam, smoothing=smoothing, group=self.group,
-                                          chunk_size=chunk_size, bias_shard=self.bias)
+                                          chunk_size=chunk_size, bias_shard=self.bias, compute_dtype=compute_dtype)
 
     @torch.no_grad()
     def full_weight(self) -> torch.Tensor:
