@@ -151,7 +151,7 @@ def test_bfloat16_compute_error_bound_against_float64(scale, chunk):
 
 def test_bfloat16_autocast_selects_bf16_and_keeps_fp32_out_of_the_logits(monkeypatch):
     """Under a bf16 autocast fp32 weights compute in bf16; no fp32 tensor of logit size is made
-    (the exp is lifted to fp32 a few rows at a time)."""
+    (the exp is lifted to fp32 an eighth of the rows at a time)."""
     import dist_ssl.parallel.sharded_fc as sfc
 
     m, n, d = 64, 997, 4  # M x N logits above every fp32 tensor (W, its grad: N x D; features: M x D)
@@ -163,7 +163,7 @@ def test_bfloat16_autocast_selects_bf16_and_keeps_fp32_out_of_the_logits(monkeyp
         loss = sharded_soft_cross_entropy(x, w, 0, n, a, b, lam, 0.1)
         loss.backward()
     assert probe.largest_of[torch.bfloat16] >= m * n  # the logits are bf16
-    assert probe.largest_of[torch.float32] <= max(4 * n, n * d, m * d), probe.largest_of
+    assert probe.largest_of[torch.float32] <= max(m * n // 8, 4 * n, n * d, m * d), probe.largest_of
     explicit = sharded_soft_cross_entropy(x, w, 0, n, a, b, lam, 0.1, compute_dtype=torch.bfloat16)
     assert loss.item() == explicit.item()
     with torch.autocast("cpu", dtype=torch.float16):  # never fp16: p ~ 1/N would be subnormal
