@@ -297,9 +297,13 @@ def _time_fc(fn, x, w, device, bf16: bool, reps: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- the loader
-def loader_rows(sz: Sizes, device: torch.device, method) -> list[dict]:
+def loader_rows(sz: Sizes, device: torch.device) -> list[dict]:
     from dist_ssl.data.loader import build_train_loader
     from dist_ssl.data.shard_writer import write_dataset
+    from dist_ssl.data.views import ViewSpec
+
+    idmm = IDMMConfig(global_size=sz.img)
+    spec = ViewSpec(idmm.crop_groups(), policy=idmm.policy, in_chans=3)  # IDMM.train_views(), no W needed
 
     has_decode = "decode" in inspect.signature(build_train_loader).parameters
     rows = []
@@ -312,7 +316,7 @@ def loader_rows(sz: Sizes, device: torch.device, method) -> list[dict]:
                 rows.append({**row, "skipped": "this build's loader has no decode option (data.decode: gpu)"})
                 continue
             extra = {"decode": decode} if has_decode else {}
-            loader = build_train_loader(Path(tmp) / "shards", method.train_views(), sz.loader_batch,
+            loader = build_train_loader(Path(tmp) / "shards", spec, sz.loader_batch,
                                         num_workers=sz.loader_workers, **extra)
             rows.append({**row, **_time_loader(loader, sz, device)})
     return rows
@@ -368,8 +372,7 @@ def run(sz: Sizes, device: torch.device) -> dict:
     for row in fc_rows(sz, device):
         rows.append(row)
         _print_row(row, t_start)
-    method, _ = build_idmm(sz, torch.device("cpu"))
-    for row in loader_rows(sz, device, method):
+    for row in loader_rows(sz, device):
         rows.append(row)
         _print_row(row, t_start)
     rows.append(drift_row(sz, device))

@@ -178,7 +178,8 @@ class _ShardedSoftCE(torch.autograd.Function):
             for ids, hit, out in ((la, in_a, za), (lb, in_b, zb)):
                 inb, col = _in_block(ids, hit, c0, c1)  # each target lies in one block: += is a set
                 out += torch.where(inb, z.gather(1, col[:, None]).squeeze(1), 0.0)
-            zsum += z.sum(1, dtype=stat)  # the eps/N term: summed in >= fp32
+            if eps:  # the eps/N term (a full pass over the logits): summed in >= fp32
+                zsum += z.sum(1, dtype=stat)
             new_max = torch.maximum(rmax, z.amax(1).to(stat))
             rsum.mul_((rmax - new_max).exp_()).add_(_exp_rows_(z, new_max, want_sum=True))
             rmax = new_max
