@@ -394,7 +394,7 @@ def main(argv=None) -> int:
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # inherited by the workers: big frees go back to the OS
     t0 = time.perf_counter()
     if args.p1:
-        print(f"P = 1 comparison: {len(sizes)} sizes x {len(P1_KINDS)} kinds", flush=True)
+        print(f"P = 1 comparison: {len(sizes)} sizes x {len(args.p1_kinds.split(','))} kinds", flush=True)
         rows = run_p1(sizes, args)
         report_p1(rows, args)
         print(f"\ntotal {time.perf_counter() - t0:.0f} s")
