@@ -34,6 +34,16 @@ P = 8, 16, 64 from the measured bytes per weight element. On a GPU the same scri
 
     python benchmarks/sharded_fc.py [--sizes 10000x192,100000x768,1281167x192] [--batch 256]
         [--chunk 64] [--world 2] [--reps 2] [--warmup 1] [--threads 1] [--json OUT]
+
+``--p1`` instead compares, in one process (P = 1) and without the optimizer, our loss with the
+other ways to compute a big-N cross-entropy (``P1_KINDS``), per N x D: forward+backward median
+seconds (wall, CPU) and the step's RSS high-water above W and the inputs (W's gradient,
+logits, chunk buffers), plus each loss minus the dense one. Hard labels without smoothing,
+because that is the only case torch's chunked ``linear_cross_entropy`` runs (with label
+smoothing it silently falls back to the dense reference path); ``ours_cutmix`` and
+``torch_soft`` show what soft (CutMix + smoothing) targets cost each.
+
+    python benchmarks/sharded_fc.py --p1 --sizes 1281167x192,1281167x768 [--batch 256] [--chunk 64]
 """
 
 from __future__ import annotations
@@ -52,8 +62,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
-from dist_ssl.parallel.sharded_fc import ShardedLinear
+from dist_ssl.parallel.sharded_fc import ShardedLinear, sharded_soft_cross_entropy
 
 DEFAULT_SIZES = "10000x192,10000x768,100000x192,100000x768,1281167x192"
 IMAGENET = 1_281_167
@@ -167,6 +178,136 @@ def run(world: int, sizes, args) -> list[dict]:
         return json.loads(Path(out).read_text())
 
 
+# ----------------------------------------------------------------------------- P = 1 comparison
+P1_KINDS = {  # name -> what it is (hard labels, no smoothing, unless it says otherwise)
+    "dense": "log_softmax(x @ W.T): [B, N] logits, their log-probs and gradient",
+    "torch_auto": "F.linear_cross_entropy, chunked, default LinearCrossEntropyOptions()",
+    "torch_c64": "F.linear_cross_entropy, chunked, batch_chunk_size = --chunk",
+    "torch_1chunk": "F.linear_cross_entropy, chunked, batch_chunk_size = B (one chunk)",
+    "torch_soft": "F.linear_cross_entropy, one chunk, CutMix + smoothing 0.1 as a dense [B, N] target",
+    "ours": "sharded_soft_cross_entropy, one logit block (chunk_size None)",
+    "ours_c64": "sharded_soft_cross_entropy, class blocks of --chunk rows (recomputed in backward)",
+    "ours_cutmix": "sharded_soft_cross_entropy, one block, CutMix + smoothing 0.1 (sparse targets)",
+    "cce_compile": "cut_cross_entropy impl=torch_compile (its CPU path: a compiled dense loss)",
+}
+
+
+def _p1_loss(kind: str, x, w, a, b, lam, chunk: int):
+    from torch.nn import LinearCrossEntropyOptions
+
+    m, n = x.shape[0], w.shape[0]
+    ones = torch.ones(m)
+    if kind == "dense":
+        return F.cross_entropy(x @ w.t(), a)
+    if kind.startswith("torch_"):
+        rows = {"torch_c64": chunk, "torch_1chunk": m, "torch_soft": m}.get(kind)
+        opts = LinearCrossEntropyOptions() if rows is None else \
+            LinearCrossEntropyOptions(batch_chunk_size=rows, chunking_method=None)
+        target = a
+        if kind == "torch_soft":  # the only way torch's loss takes a mixed target: dense [B, N]
+            target = torch.full((m, n), 0.1 / n)
+            target[torch.arange(m), a] += 0.9 * lam
+            target[torch.arange(m), b] += 0.9 * (1 - lam)
+        return F.linear_cross_entropy(x, w, target, options=opts)
+    if kind == "cce_compile":
+        from cut_cross_entropy import linear_cross_entropy
+
+        return linear_cross_entropy(x, w, a, impl="torch_compile")
+    chunk_size = chunk if kind == "ours_c64" else None
+    if kind == "ours_cutmix":
+        return sharded_soft_cross_entropy(x, w, 0, n, a, b, lam, 0.1, chunk_size=chunk_size)
+    return sharded_soft_cross_entropy(x, w, 0, n, a, a, ones, 0.0, chunk_size=chunk_size)
+
+
+def measure_p1(kind: str, n: int, d: int, args) -> dict:
+    x, a, b, lam = global_batch(args.batch, n, d)
+    w = ShardedLinear(n, d, seed=0).weight.detach().requires_grad_(True)
+    gc.collect()
+    base_kb = _status_kb("VmRSS")  # W and the inputs exist: the delta is the loss step's own memory
+    _reset_peak_rss()
+    wall, cpu, loss_value = [], [], None
+    for i in range(args.warmup + args.reps):
+        feats = x.clone().requires_grad_(True)
+        w.grad = None
+        t0, c0 = time.perf_counter(), time.process_time()
+        loss = _p1_loss(kind, feats, w, a, b, lam, args.chunk or args.batch)
+        loss.backward()
+        t1, c1 = time.perf_counter(), time.process_time()
+        loss_value = loss.item()
+        if i >= args.warmup:
+            wall.append(t1 - t0)
+            cpu.append(c1 - c0)
+        del loss, feats
+    peak = (_status_kb("VmHWM") - base_kb) * 1024
+    del w
+    gc.collect()
+    return {"kind": kind, "n": n, "d": d, "step_bytes": peak, "wall_s": statistics.median(wall),
+            "cpu_s": statistics.median(cpu), "loss": loss_value}
+
+
+def worker_p1(rank: int, kinds: list[str], size: tuple[int, int], args, out: str) -> None:
+    torch.set_num_threads(args.threads)
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*linear_cross_entropy.*")
+    results = []
+    for kind in kinds:
+        measure_p1(kind, 4096, size[1], args)  # untimed: library pages, lazy inits, compiles at this N
+        res = measure_p1(kind, *size, args)
+        print(f"  {kind:>12} N={size[0]} D={size[1]}: {res['step_bytes'] / MB:7.0f} MB, {res['wall_s']:7.2f} s wall, "
+              f"{res['cpu_s']:7.2f} s CPU, loss {res['loss']:.6f}", flush=True)
+        results.append(res)
+    Path(out).write_text(json.dumps(results))
+
+
+def run_p1(sizes, args) -> list[dict]:
+    kinds = [k for k in args.p1_kinds.split(",") if k != "cce_compile" or _have("cut_cross_entropy")]
+    unknown = sorted(set(kinds) - set(P1_KINDS))
+    if unknown:
+        raise SystemExit(f"--p1-kinds: unknown {unknown}; choose from {', '.join(P1_KINDS)}")
+    rows = []
+    for size in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "out.json")
+            mp.start_processes(worker_p1, args=(kinds, size, args, out), nprocs=1, start_method="spawn")
+            rows += json.loads(Path(out).read_text())
+    return rows
+
+
+def _have(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def report_p1(rows: list[dict], args) -> None:
+    print(f"\nP = 1, global batch {args.batch}, {args.threads} thread(s); step MB = RSS high-water above W and "
+          "the inputs during forward+backward (W's gradient included); s = median forward+backward seconds; "
+          "loss - dense: hard-label kinds compute the same loss")
+    head = (f"{'N':>9} {'D':>4} {'kind':>12} | {'step MB':>8} {'wall s':>7} {'cpu s':>7} | "
+            f"{'cpu/ours':>8} {'MB/ours':>8} | {'loss - dense':>12}")
+    print(head + "\n" + "-" * len(head))
+    for (n, d) in dict.fromkeys((r["n"], r["d"]) for r in rows):
+        group = {r["kind"]: r for r in rows if (r["n"], r["d"]) == (n, d)}
+        if "ours" not in group or "dense" not in group:
+            for r in group.values():
+                print(f"{n:>9} {d:>4} {r['kind']:>12} | {r['step_bytes'] / MB:>8.0f} {r['wall_s']:>7.2f} "
+                      f"{r['cpu_s']:>7.2f} | (ratios need the ours and dense kinds)")
+            continue
+        ours, dense = group["ours"], group["dense"]
+        for kind, r in group.items():
+            diff = "" if kind in ("ours_cutmix", "torch_soft") else f"{r['loss'] - dense['loss']:+.1e}"
+            print(f"{n:>9} {d:>4} {kind:>12} | {r['step_bytes'] / MB:>8.0f} {r['wall_s']:>7.2f} {r['cpu_s']:>7.2f} | "
+                  f"{r['cpu_s'] / ours['cpu_s']:>8.2f} {r['step_bytes'] / max(ours['step_bytes'], 1):>8.2f} | {diff:>12}")
+        torch_hard = [group[k] for k in group if k.startswith("torch_") and k != "torch_soft"]
+        if not torch_hard:
+            continue
+        best = min(torch_hard, key=lambda r: r["cpu_s"])
+        print(f"  target at N={n}, D={d}: ours vs torch's best hard-label chunking ({best['kind']}): "
+              f"{ours['cpu_s'] / best['cpu_s']:.2f}x its CPU time (<= 1 is met), "
+              f"{ours['step_bytes'] / max(best['step_bytes'], 1):.2f}x its memory (<= 1 is met)")
+
+
 # ----------------------------------------------------------------------------- reporting
 def report(dense: list[dict], shard: list[dict], args) -> dict:
     p = args.world
@@ -241,6 +382,8 @@ def main(argv=None) -> int:
     ap.add_argument("--smoothing", type=float, default=0.1)
     ap.add_argument("--project", default="8,16,64", help="P values for the projection table")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--p1", action="store_true", help="P = 1 comparison with torch's / CCE's / the dense loss")
+    ap.add_argument("--p1-kinds", default=",".join(P1_KINDS), help="comma-separated subset of P1_KINDS")
     args = ap.parse_args(argv)
     args.project = [int(p) for p in args.project.split(",")]
     args.chunk = args.chunk or None
@@ -250,6 +393,15 @@ def main(argv=None) -> int:
         ap.error("--batch must be divisible by --world")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # inherited by the workers: big frees go back to the OS
     t0 = time.perf_counter()
+    if args.p1:
+        print(f"P = 1 comparison: {len(sizes)} sizes x {len(args.p1_kinds.split(','))} kinds", flush=True)
+        rows = run_p1(sizes, args)
+        report_p1(rows, args)
+        print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+        if args.json:
+            args.json.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "json"},
+                                             "p1": rows}, indent=1, default=str))
+        return 0
     print(f"dense, 1 process: {len(sizes)} configurations", flush=True)
     dense = run(1, sizes, args)
     print(f"sharded, {args.world} gloo processes", flush=True)

@@ -5,7 +5,8 @@ DINO centers kept as buffers, ...) are copied, since averaging running statistic
 meaningful and copying keeps them consistent with the weights they normalise.
 
 Sharded training: ``ModelEMA.update`` reads the *unwrapped* module (DDP / DataParallel
-``.module``, DeepSpeed's engine, ``torch.compile``'s ``_orig_mod``). For FSDP2 the EMA must be constructed from
+``.module``, DeepSpeed's engine, ``torch.compile``'s ``_orig_mod``; a model compiled in place by
+``parallel.compile`` is read as is, and its copy here is eager). For FSDP2 the EMA must be constructed from
 the model *before* ``fully_shard`` / ``accelerator.prepare`` (FSDP2 modules refuse deepcopy);
 afterwards DTensor parameters are gathered one at a time with ``full_tensor()`` — a
 collective, so every rank must call ``update`` — and the EMA holds full, unsharded weights on

@@ -104,7 +104,7 @@ def build_run(cfg) -> RunParts:
     optimizer = build_optimizer(cfg.optim, groups, lr)
     scheduler = _lr_schedule(optimizer, cfg, total_steps, warmup, lr)
     student, optimizer, scheduler = prepare_model_and_optimizer(accelerator, method.student,
-                                                                optimizer, scheduler)
+                                                                optimizer, scheduler, cfg=cfg.parallel)
     method.student = student
     local_optimizer = local_scheduler = None
     local = [p for m in method.local_modules() for p in m.parameters() if p.requires_grad]

@@ -74,11 +74,16 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     """Peel DDP / DataParallel / DeepSpeed / torch.compile wrappers (FSDP2 shards in place).
 
     A wrapper is recognised by shape, not type, so no engine needs importing: its only child
-    is ``.module`` (DDP, DeepSpeedEngine, FSDP1) or ``._orig_mod`` (torch.compile).
+    is ``.module`` (DDP, DeepSpeedEngine, FSDP1) or ``._orig_mod`` (``torch.compile(m)``), in
+    any nesting order (``torch.compile(DDP(m))``, ``DDP(torch.compile(m))``). A module compiled
+    in place (``m.compile()``, what ``parallel.compile`` does) has no wrapper: it is returned
+    as is, with its own names and parameters.
     """
     while True:
         children = list(model.children())
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            inner = getattr(model, "module", None)
         if isinstance(inner, nn.Module) and len(children) == 1 and children[0] is inner:
             model = inner
         else:

@@ -21,6 +21,10 @@ path on gloo. FSDP2 and DeepSpeed have no CPU path in accelerate (it silently dr
 plugin and fails the DeepSpeed batch check), so the Accelerator is constructed with
 ``ACCELERATE_TORCH_DEVICE=cpu``, a gloo process group and ``torch.cuda.is_available`` reporting
 True during construction only (see shared/ENV.md); the real FSDP2 / ZeRO code then runs on gloo.
+
+``compile: true`` compiles the prepared student in place (``parallel/compile.py`` says where, per
+backend); accelerate's own dynamo plugin is always off, so the launcher cannot compile behind
+the recipe's back (a launcher asking for a dynamo backend the recipe does not is an error).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from accelerate.utils import (
 )
 
 from dist_ssl.config.registry import register_section
+from dist_ssl.parallel.compile import compile_student
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +63,8 @@ __all__ = [
 Backend = Literal["auto", "ddp", "fsdp2", "zero1", "zero2", "zero3"]
 _BACKENDS = ("auto", "ddp", "fsdp2", "zero1", "zero2", "zero3")
 _MIXED = ("no", "bf16", "fp16")
+_COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -89,6 +96,18 @@ class ParallelConfig:
     dist_timeout_s: int = field(
         default=1800, metadata={"help": "process-group timeout in seconds (raise for slow checkpoint writes)"}
     )
+    compile: bool = field(
+        default=False, metadata={"help": "torch.compile the student in place, after DDP / FSDP2 / ZeRO "
+                                         "wrapping (checkpoints stay interchangeable with eager runs)"})
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = field(
+        default="inductor", metadata={"help": "torch.compile backend: inductor (generated kernels) | aot_eager "
+                                              "(graph capture + autograd only: debugging) | eager"})
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = field(
+        default="default", metadata={"help": "inductor mode: default | reduce-overhead (CUDA graphs) | "
+                                             "max-autotune | max-autotune-no-cudagraphs"})
+    compile_dynamic: bool = field(
+        default=False, metadata={"help": "False: one graph per input shape (each crop size compiles once); "
+                                         "True: shape-generic graphs"})
 
     def validate(self) -> None:
         if self.backend not in _BACKENDS:
@@ -103,6 +122,13 @@ class ParallelConfig:
             raise ValueError(f"zero_offload: only applies to DeepSpeed backends, not {self.backend!r}")
         if self.fsdp_wrap_classes and self.backend not in ("auto", "fsdp2"):
             raise ValueError(f"fsdp_wrap_classes: only applies to backend fsdp2, not {self.backend!r}")
+        if self.compile_backend not in _COMPILE_BACKENDS:
+            raise ValueError(f"compile_backend: {self.compile_backend!r} is not one of {', '.join(_COMPILE_BACKENDS)}")
+        if self.compile_mode not in _COMPILE_MODES:
+            raise ValueError(f"compile_mode: {self.compile_mode!r} is not one of {', '.join(_COMPILE_MODES)}")
+        if self.compile_mode != "default" and self.compile_backend != "inductor":
+            raise ValueError(f"compile_mode: {self.compile_mode!r} is an inductor mode; compile_backend is "
+                             f"{self.compile_backend!r}")
 
 
 def _flag(name: str) -> bool:
@@ -163,6 +189,11 @@ def _check_launcher_knobs(cfg: ParallelConfig, backend: str, gradient_clipping: 
         env_clip = os.environ.get("ACCELERATE_GRADIENT_CLIPPING")
         if env_clip not in (None, "auto") and float(env_clip) != (gradient_clipping or 0.0):
             problems.append(f"gradient_clipping: launcher {env_clip} vs recipe {gradient_clipping}")
+    env_dynamo = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").strip().lower()
+    if env_dynamo not in ("no", "") and (not cfg.compile or env_dynamo != cfg.compile_backend):
+        recipe = cfg.compile_backend if cfg.compile else "off"
+        problems.append(f"compile: launcher dynamo_backend {env_dynamo!r} vs recipe parallel.compile {recipe!r} "
+                        "(set parallel.compile / compile_backend in the recipe, launch with --dynamo_backend no)")
     env_gas = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
     if env_gas is not None and env_gas.isdigit() and int(env_gas) != cfg.grad_accum_steps:
         problems.append(f"grad_accum_steps: launcher {env_gas} vs recipe {cfg.grad_accum_steps}")
@@ -246,6 +277,7 @@ def _accelerator_kwargs(
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     kwargs = dict(
         mixed_precision=cfg.mixed_precision,
+        dynamo_backend="no",  # never accelerate's wrapper compile: prepare_model_and_optimizer compiles in place
         gradient_accumulation_steps=cfg.grad_accum_steps,
         step_scheduler_with_optimizer=False,
         kwargs_handlers=handlers,
@@ -301,7 +333,8 @@ def _optimizer_params_outside(model: torch.nn.Module, optimizer: torch.optim.Opt
     return sum(1 for g in optimizer.param_groups for p in g["params"] if id(p) not in owned)
 
 
-def prepare_model_and_optimizer(accelerator: Accelerator, model: torch.nn.Module, optimizer, scheduler=None):
+def prepare_model_and_optimizer(accelerator: Accelerator, model: torch.nn.Module, optimizer, scheduler=None,
+                                cfg: ParallelConfig | None = None):
     """Wrap the data-parallel module, its optimizer and (optional) scheduler in one ``prepare`` call.
 
     ``model`` must be only the data-parallel part: every parameter the optimizer holds must belong
@@ -309,6 +342,7 @@ def prepare_model_and_optimizer(accelerator: Accelerator, model: torch.nn.Module
     every parameter the optimizer sees. Rank-local modules keep their own unprepared optimizer.
     One call prepares everything together, which FSDP2 requires (the optimizer is re-pointed at
     the sharded parameters) and DeepSpeed requires (one engine owns model + optimizer).
+    With ``cfg.compile`` the prepared module is then compiled in place (``parallel/compile.py``).
     Returns ``(model, optimizer, scheduler)``; scheduler is None when none was given.
     """
     foreign = _optimizer_params_outside(model, optimizer)
@@ -323,6 +357,8 @@ def prepare_model_and_optimizer(accelerator: Accelerator, model: torch.nn.Module
             raise ValueError("train_micro_batch_size: DeepSpeed needs it; pass it to build_accelerator")
     objs = [model, optimizer] + ([scheduler] if scheduler is not None else [])
     prepared = accelerator.prepare(*objs)
+    if cfg is not None and cfg.compile:
+        compile_student(prepared[0], cfg.compile_backend, cfg.compile_mode, cfg.compile_dynamic)
     return prepared[0], prepared[1], (prepared[2] if scheduler is not None else None)
 
 

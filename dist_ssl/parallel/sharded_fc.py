@@ -28,10 +28,26 @@ Memory: the global-batch logits [M, n_local] are processed in class blocks of at
 elements (the memory of C logit rows) in one reused buffer; forward keeps only per-row statistics
 (O(M), an online log-sum-exp over the blocks) and backward recomputes each block's logits (one
 extra matmul: ~4/3 of a dense layer's FLOPs). With chunk_size=None or >= M (one block) the buffer
-[M, n_local] is kept from forward to backward instead and nothing is recomputed.
-Besides it: the gathered features and their gradient (M x D) and the weight gradient.
-Precision: computed in the weight's dtype with autocast disabled (features are cast to it);
-per-row statistics in at least fp32.
+[M, n_local] is kept from forward to backward instead and nothing is recomputed. The buffer is in
+the compute dtype (bf16 halves it). Besides it: the gathered features and their gradient (M x D)
+and the weight gradient.
+
+Precision: features, weight blocks, matmuls and logits are in the compute dtype: the weight's, or
+bf16 for fp32 (master) weights under a bf16 autocast (``parallel.mixed_precision: bf16``), or
+``compute_dtype``; never fp16 (p ~ 1/N would be subnormal). Autocast itself is off inside. In
+fp32 regardless: the row max, the running sum of exp, the eps/N sum of all logits, the target
+logits, the cross-rank statistics, the exp itself (bf16 logits are lifted to fp32 a few rows at
+a time, so p is rounded once, or twice when one block keeps exp(z - max) from forward) and dL/dx
+summed over blocks; gradients of fp32 weights are fp32.
+bf16 error against the float64 dense loss of the same bf16-rounded x and W, measured at
+N = 1,281,167, D = 192, M = 64, CutMix + eps 0.1, one block and 16-row blocks
+(``python benchmarks/sharded_fc_bf16_error.py``; benchmarks/README.md has the table):
+  loss                       relative 2.8e-6 (W at IDMM's init, logit std 0.28), 2.0e-5 (logit std 2.8)
+  dL/dx, dL/dW               relative error norm <= 2.9e-3 (the bf16 rounding of the values)
+  dL/dW, non-target rows     3.3e-3 at init, 1.9e-2 at logit std 2.8: a bf16 logit z carries
+                             ~2^-9 |z| into exp(z - lse), as autocast's Linear + fp32 cross-entropy
+Bound held by tests/unit/test_sharded_fc.py (N = 20,000, D = 64): loss 2e-4 relative, gradients
+8e-3, non-target rows 8e-3 at init and 4e-2 at logit std 2.4. fp32 compute: <= 1.5e-6 everywhere.
 """
 
 from __future__ import annotations
@@ -49,6 +65,7 @@ from dist_ssl.parallel.sharded_fc_ckpt import reshard_rows, reshard_state
 __all__ = ["shard_range", "sharded_soft_cross_entropy", "reshard_rows", "grad_scale", "init_rows", "ShardedLinear"]
 
 INIT_BLOCK_ROWS = 4096  # init RNG granularity: row i depends only on (seed, i // 4096), never on P or N
+_LIFT_ELEMS = 1 << 20  # low-precision logits: at least this many elements lifted to fp32 at a time
 
 
 # ----------------------------------------------------------------------------- layout
@@ -161,7 +178,8 @@ class _ShardedSoftCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, b, a, bb, lam, start: int, num_classes: int, eps: float, chunk: int, group):
-        stat = torch.promote_types(w.dtype, torch.float32)
+        # x is in the compute dtype (logits too); w / b may be wider (fp32 master weights)
+        stat = torch.promote_types(x.dtype, torch.float32)
         m_rows, n_local = x.shape[0], w.shape[0]
         la, lb = a - start, bb - start
         in_a, in_b = (la >= 0) & (la < n_local), (lb >= 0) & (lb < n_local)
@@ -170,7 +188,7 @@ class _ShardedSoftCE(torch.autograd.Function):
         rsum = torch.zeros(m_rows, dtype=stat, device=x.device)  # running sum of exp(z - rmax)
         za, zb, zsum = (torch.zeros(m_rows, dtype=stat, device=x.device) for _ in range(3))
         width = _block_width(chunk, m_rows, n_local)
-        flat = x.new_empty(m_rows * width, dtype=stat)  # the one block-sized buffer
+        flat = x.new_empty(m_rows * width)  # the one block-sized buffer, in the compute dtype
         ctx.cache = None
         for c0 in range(0, n_local, width):
             c1 = min(n_local, c0 + width)
@@ -178,9 +196,10 @@ class _ShardedSoftCE(torch.autograd.Function):
             for ids, hit, out in ((la, in_a, za), (lb, in_b, zb)):
                 inb, col = _in_block(ids, hit, c0, c1)  # each target lies in one block: += is a set
                 out += torch.where(inb, z.gather(1, col[:, None]).squeeze(1), 0.0)
-            zsum += z.sum(1)
-            new_max = torch.maximum(rmax, z.amax(1))
-            rsum.mul_((rmax - new_max).exp_()).add_(z.sub_(new_max[:, None]).exp_().sum(1))
+            if eps:  # the eps/N term (a full pass over the logits): summed in >= fp32
+                zsum += z.sum(1, dtype=stat)
+            new_max = torch.maximum(rmax, z.amax(1).to(stat))
+            rsum.mul_((rmax - new_max).exp_()).add_(_exp_rows_(z, new_max, want_sum=True))
             rmax = new_max
             if c1 - c0 == n_local:
                 ctx.cache = (z, rmax)  # exp(z - rmax): p = this * exp(rmax - lse) in backward
@@ -201,31 +220,34 @@ class _ShardedSoftCE(torch.autograd.Function):
         gw = torch.empty_like(w) if need_w else None  # every block writes its rows once
         gb = torch.empty_like(b) if need_b else None
         scale = g.to(lse.dtype) / m_rows  # dL/dz = scale * (p - q); applied to the small factors
-        xs = (x * scale).to(w.dtype) if need_w else None
+        xs = (x * scale).to(x.dtype) if need_w else None
         cache, ctx.cache = ctx.cache, None  # a second backward (retain_graph) recomputes
         flat = None
         with torch.autocast(x.device.type, enabled=False):
             for c0 in range(0, n_local, width):
                 c1 = min(n_local, c0 + width)
+                wc = w[c0:c1].to(x.dtype)  # the compute-dtype block (a copy only for wider master weights)
                 if cache is not None:  # one block: finish the forward's buffer in place
-                    gz = cache[0].mul_((cache[1] - lse).exp_()[:, None])
+                    gz = _scale_rows_(cache[0], (cache[1] - lse).exp_(), minus=eps / num_classes)
                 else:
-                    flat = x.new_empty(m_rows * width, dtype=lse.dtype) if flat is None else flat
-                    gz = _block_logits(x, w[c0:c1], None if b is None else b[c0:c1], flat[: m_rows * (c1 - c0)])
-                    gz.sub_(lse[:, None]).exp_()
-                gz.sub_(eps / num_classes)  # p - q, below: the (1-eps) * lam / (1-lam) target terms
+                    flat = x.new_empty(m_rows * width) if flat is None else flat
+                    gz = _block_logits(x, wc, None if b is None else b[c0:c1], flat[: m_rows * (c1 - c0)])
+                    _exp_rows_(gz, lse, minus=eps / num_classes)
+                # p - q; here the (1-eps) * lam / (1-lam) target terms, added in >= fp32, rounded once
                 for ids, hit, wt in ((la, in_a, lam), (lb, in_b, 1 - lam)):
                     inb, col = _in_block(ids, hit, c0, c1)
-                    gz.scatter_add_(1, col[:, None], torch.where(inb, (eps - 1) * wt, 0.0)[:, None])
-                gz = gz.to(w.dtype)
-                if need_w:
+                    at = gz.gather(1, col[:, None]).squeeze(1)
+                    gz.scatter_(1, col[:, None], torch.where(inb, at + (eps - 1) * wt, at).to(gz.dtype)[:, None])
+                if need_w and gw.dtype == gz.dtype:
                     torch.mm(gz.t(), xs, out=gw[c0:c1])
-                if need_x and gx.dtype == w.dtype:
-                    gx.addmm_(gz, w[c0:c1])
+                elif need_w:
+                    gw[c0:c1] = gz.t() @ xs
+                if need_x and gx.dtype == gz.dtype:
+                    gx.addmm_(gz, wc)
                 elif need_x:
-                    gx += gz @ w[c0:c1]
+                    gx += gz @ _fast_right_operand(wc)  # each block's partial rounded once, summed in fp32
                 if need_b:
-                    gb[c0:c1] = gz.sum(0) * scale
+                    gb[c0:c1] = gz.sum(0, dtype=lse.dtype) * scale
         if need_x:
             gx = gx.mul_(scale).to(x.dtype)
         return gx, gw, gb, None, None, None, None, None, None, None, None
@@ -246,13 +268,81 @@ def _block_width(chunk: int, m_rows: int, n_local: int) -> int:
 
 
 def _block_logits(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], flat: torch.Tensor) -> torch.Tensor:
-    """Logits [M, width] of a class block, written into the contiguous buffer ``flat`` (no
-    allocation per block)."""
+    """Logits [M, width] of a class block in x's (the compute) dtype, written into the contiguous
+    buffer ``flat`` (no allocation per block; wider master weights are cast block by block)."""
     out = flat.view(x.shape[0], w.shape[0])
-    if out.dtype != w.dtype:  # low-precision weights: statistics in fp32 need a converted copy
-        return out.copy_(x @ w.t() if b is None else torch.addmm(b, x, w.t()))
-    torch.mm(x, w.t(), out=out)
-    return out if b is None else out.add_(b)
+    torch.mm(x, w.to(x.dtype).t(), out=out)
+    return out if b is None else out.add_(b.to(x.dtype))
+
+
+def _fast_right_operand(wc: torch.Tensor) -> torch.Tensor:
+    """``wc`` laid out for ``gz @ wc`` (a reduction over all of the block's classes). CPU bf16
+    GEMMs with a row-major right operand and a long reduction fall off oneDNN's fast path
+    (measured 40x slower than a column-major copy at 64 x 100k x 192); GPUs take either layout."""
+    if wc.device.type == "cpu" and wc.dtype == torch.bfloat16:
+        return wc.t().contiguous().t()
+    return wc
+
+
+def _exp_rows_(z: torch.Tensor, shift: torch.Tensor, minus: float = 0.0, want_sum: bool = False):
+    """In place ``z <- exp(z - shift[:, None]) - minus``; with ``want_sum`` returns the row sums
+    of exp(z - shift) [M] in shift's dtype (>= fp32).
+
+    z in shift's dtype: plain in-place ops. Lower-precision z (bf16 logits): row slices are
+    lifted to shift's dtype (``_lift_rows``), so the only rounding is the final store (relative
+    2^-9). Rounding z - shift to bf16 before the exp would put up to 2^-9 * |z - shift|
+    (|z - lse| ~ log N = 14 at N = 1.28M) into the exponent: ~3 % error on p.
+    """
+    if z.dtype == shift.dtype:
+        z.sub_(shift[:, None]).exp_()
+        sums = z.sum(1) if want_sum else None
+        if minus:
+            z.sub_(minus)
+        return sums
+    sums = shift.new_empty(z.shape[0]) if want_sum else None
+    for rs in _lift_rows(z):
+        part = z[rs].to(shift.dtype).sub_(shift[rs, None]).exp_()
+        if want_sum:
+            sums[rs] = part.sum(1)
+        if minus:
+            part.sub_(minus)
+        z[rs] = part
+    return sums
+
+
+def _scale_rows_(e: torch.Tensor, factor: torch.Tensor, minus: float = 0.0) -> torch.Tensor:
+    """In place ``e <- e * factor[:, None] - minus`` (p - eps/N from the kept exp(z - max)), computed
+    in factor's dtype and rounded once for lower-precision e."""
+    if e.dtype == factor.dtype:
+        e.mul_(factor[:, None])
+        return e.sub_(minus) if minus else e
+    for rs in _lift_rows(e):
+        e[rs] = e[rs].to(factor.dtype).mul_(factor[rs, None]).sub_(minus)
+    return e
+
+
+def _lift_rows(z: torch.Tensor) -> list[slice]:
+    """Row slices of a low-precision block lifted to fp32 one at a time: 1/8 of the rows or
+    2^20 elements, whichever is more (the fp32 temporary is at most a quarter of the bf16 block
+    beyond 4 MB; 8 slices keep the kernel launches per block few on a GPU)."""
+    m, width = z.shape
+    rows = max(1, m // 8, _LIFT_ELEMS // max(width, 1))
+    return [slice(r0, r0 + rows) for r0 in range(0, m, rows)]
+
+
+def _compute_dtype(requested: Optional[torch.dtype], weight: torch.Tensor, device: torch.device) -> torch.dtype:
+    """The dtype of features, matmuls and logits (statistics are always >= fp32).
+
+    None follows a bf16 autocast (``parallel.mixed_precision: bf16``) for fp32 weights, as
+    autocast would for an nn.Linear; fp16 is never chosen (p ~ 1/N falls into fp16's subnormals
+    at large N), and a fp16 autocast leaves the loss in the weight's dtype."""
+    if requested is None:
+        bf16_autocast = torch.is_autocast_enabled(device.type) and \
+            torch.get_autocast_dtype(device.type) == torch.bfloat16
+        requested = torch.bfloat16 if bf16_autocast and weight.dtype == torch.float32 else weight.dtype
+    if requested not in (torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"compute_dtype must be bfloat16, float32 or float64, got {requested}")
+    return requested
 
 
 def _global_stats(lse_loc: torch.Tensor, tgt_loc: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,7 +359,8 @@ def _global_stats(lse_loc: torch.Tensor, tgt_loc: torch.Tensor, group) -> tuple[
 
 
 def sharded_soft_cross_entropy(features, weight_shard, shard_start, num_classes, target_a, target_b, lam,
-                               smoothing=0.0, group=None, chunk_size=None, bias_shard=None) -> torch.Tensor:
+                               smoothing=0.0, group=None, chunk_size=None, bias_shard=None,
+                               compute_dtype=None) -> torch.Tensor:
     """Mean over the global batch of -sum_j q_j log softmax(x W^T + bias)_j; the same on every rank.
 
     features [B, D]: this rank's rows (B may differ between ranks: one extra tiny all-gather of
@@ -280,7 +371,9 @@ def sharded_soft_cross_entropy(features, weight_shard, shard_start, num_classes,
     ``smoothing`` = eps. ``chunk_size``: logit memory in rows, C x n_local elements per block (None = the whole global batch).
     ``group``: process group of the shards (None = default group; without an initialised group
     this is the exact single-process loss and the shard must be all N classes). Every rank of
-    the group must call it (collectives in forward and backward). Returns a 0-d tensor.
+    the group must call it (collectives in forward and backward). ``compute_dtype``: dtype of
+    the gathered features, the matmuls and the logits (None = bf16 under a bf16 autocast with
+    fp32 weights, else the weight's dtype; see "Precision" in the module doc). Returns a 0-d tensor.
     """
     rank, world = _group_rank_size(group)
     n_local = weight_shard.shape[0]
@@ -297,7 +390,7 @@ def sharded_soft_cross_entropy(features, weight_shard, shard_start, num_classes,
     if not (target_a.shape == target_b.shape == lam.shape == (b_rows,)):
         raise ValueError(f"target_a/target_b/lam must be [{b_rows}], got {tuple(target_a.shape)}, "
                          f"{tuple(target_b.shape)}, {tuple(lam.shape)}")
-    x = features.to(weight_shard.dtype)
+    x = features.to(_compute_dtype(compute_dtype, weight_shard, features.device))
     # Range check of the targets, raised by every rank together (a rank raising alone would leave the
     # others in a collective). Cost: P > 1: nothing extra (the flag rides on the sizes gather and its
     # existing host sync); P = 1 on CPU: a bool; P = 1 on GPU: an async device assert, no host sync (a
@@ -373,12 +466,13 @@ class ShardedLinear(nn.Module):
             raise RuntimeError(f"ShardedLinear built for rank {self.rank}/{self.world_size} but the process group "
                                f"is rank {rank}/{world}")
 
-    def loss(self, features, target_a, target_b, lam, smoothing=0.0, chunk_size=None) -> torch.Tensor:
+    def loss(self, features, target_a, target_b, lam, smoothing=0.0, chunk_size=None,
+             compute_dtype=None) -> torch.Tensor:
         """``sharded_soft_cross_entropy`` with this shard (features [B, D] of this rank)."""
         self._check_group()
         return sharded_soft_cross_entropy(features, self.weight, self.shard_start, self.num_classes, target_a,
                                           target_b, lam, smoothing=smoothing, group=self.group,
-                                          chunk_size=chunk_size, bias_shard=self.bias)
+                                          chunk_size=chunk_size, bias_shard=self.bias, compute_dtype=compute_dtype)
 
     @torch.no_grad()
     def full_weight(self) -> torch.Tensor:
