@@ -30,7 +30,10 @@ launch recipes/finetune_fmnist2k_scratch.yaml "$@"
 
 python - "$@" <<'PY'
 import json, sys
+from pathlib import Path
 from dist_ssl.config import load_config
+from dist_ssl.experiments.pixel_floor import cached_floor
+from dist_ssl.experiments.spec import PixelFloor
 
 def result(recipe):
     cfg = load_config(recipe, sys.argv[1:])
@@ -43,4 +46,10 @@ print(f"Fashion-MNIST test accuracy ({idmm['num_samples']} images), fine-tuned o
 for name, res in (("IDMM pre-trained", idmm), ("random init", scratch)):
     print(f"  {name:<17} top-1 {100 * res['top1']:.2f}%  top-5 {100 * res['top5']:.2f}%  "
           f"({res['step']} fine-tuning steps)")
+# The floor a learned representation has to beat: scikit-learn on the raw 28x28 pixels of the same
+# 2,040 training images (cached in runs/pixel_floor/ with the shards' fingerprints).
+floor = cached_floor(Path("runs/pixel_floor"), "fmnist2k", "runs/data/fmnist2k", "runs/data/fmnist_test",
+                     PixelFloor(C=0.1, k=5))
+print(f"  {'raw pixels':<17} top-1 {100 * floor['logreg_top1']:.2f}% (logistic regression), "
+      f"{100 * floor['knn_top1']:.2f}% (5-NN)")
 PY

@@ -8,7 +8,7 @@ result, with n; the paper's number beside ours where the experiment file gives o
 raw-pixel floor rows (pixel_floor.py) under every table. A cell without a result is shown as
 missing, with why when its stage record says (failed, interrupted, running, not run).
 
-Output, in ``<root>/report/``: ``results.md``, ``results.csv`` (one row per table entry, with
+Output, in ``<root>/report/<name>/`` (experiment files may share a root): ``results.md``, ``results.csv`` (one row per table entry, with
 every seed's value), ``<metric>.png`` (bar chart, error bars over seeds, paper values as
 markers, floors as hatched bars) and ``curves/<cell>.png`` (plots.py).
 """
@@ -275,7 +275,7 @@ def compute_floors(exp: Experiment, out=None) -> dict:
 
 def write_report(plan: Plan, out=None, plots: bool = True) -> Path:
     exp = plan.experiment
-    report_dir = exp.root / "report"
+    report_dir = exp.root / "report" / exp.name  # experiment files may share a root (and its runs)
     report_dir.mkdir(parents=True, exist_ok=True)
     tables = collect(plan)
     floors = compute_floors(exp, out)

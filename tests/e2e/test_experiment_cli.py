@@ -114,7 +114,7 @@ def test_report_reads_the_recorded_results(grid):
     path, root, *_ = grid
     code, out, err = run_cli("report", str(path))
     assert code == 0, err
-    report = root.parent / "report"
+    report = root.parent / "report" / "e2e"
     rows = {(r["metric"], r["row"]): r for r in csv.DictReader(io.StringIO((report / "results.csv").read_text()))}
     ft = json.loads((root / "idmm" / "seed0" / "finetune" / "eval.json").read_text())["top1"]
     knn = json.loads((root / "idmm" / "seed0" / "eval" / "eval_probe.json").read_text())["knn_top1"]
