@@ -87,25 +87,28 @@ def _has_progress(stage: StageRun, resolved: Resolved) -> bool:
     return resolved.artifact.is_file() or (ckpts.is_dir() and any(ckpts.glob("step_*")))
 
 
-def _changed_keys(old: str, new: str) -> list[str]:
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in (d or {}).items():
-            if isinstance(v, dict):
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _changed_keys(old: str, new: str) -> tuple[list[str], bool]:
+    """(keys whose value differs, whether every one is only a key added since the old config)."""
     try:
-        a, b = flat(yaml.safe_load(old)), flat(yaml.safe_load(new))
+        a, b = _flat(yaml.safe_load(old)), _flat(yaml.safe_load(new))
     except yaml.YAMLError:
-        return ["(unreadable)"]
+        return ["(unreadable)"], False
     keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) or type(a.get(k)) is not type(b.get(k)))
     if keys or old == new:
-        return keys
+        return keys, bool(keys) and all(k not in a for k in keys)
     # Equal values, other text (e.g. key order): name the first line that differs.
     first = next((o, n) for o, n in zip(old.splitlines() + [""], new.splitlines() + [""]) if o != n)
-    return [f"line {first[0]!r} -> {first[1]!r}"]
+    return [f"line {first[0]!r} -> {first[1]!r}"], False
 
 
 def state(stage: StageRun, resolved: Resolved, upstream: Optional[Resolved]) -> tuple[str, str]:
@@ -115,10 +118,14 @@ def state(stage: StageRun, resolved: Resolved, upstream: Optional[Resolved]) -> 
     record = read_record(stage.run_dir)
     if record and record.get("fingerprint") not in (None, resolved.fingerprint) and \
             _has_progress(stage, resolved):
-        keys = _changed_keys(record.get("config", ""), resolved.config) if not stage.is_eval else ["arguments"]
-        return "stale", (f"{stage.run_dir} holds a run made with another config (changed: "
-                         f"{', '.join(keys[:6]) or '?'}); delete the directory to redo it, or restore "
-                         "the experiment file / recipe")
+        keys, added_only = (_changed_keys(record.get("config", ""), resolved.config) if not stage.is_eval
+                            else (["arguments"], False))
+        # Config keys added to dist_ssl since the run (new fields, whose defaults keep the old
+        # behaviour) do not make its work another config; a changed or removed key does.
+        if not added_only:
+            return "stale", (f"{stage.run_dir} holds a run made with another config (changed: "
+                             f"{', '.join(keys[:6]) or '?'}); delete the directory to redo it, or "
+                             "restore the experiment file / recipe")
     if not resolved.artifact.is_file():
         return "todo", ""
     started_from = (record or {}).get("upstream_stamp")

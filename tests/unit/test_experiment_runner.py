@@ -10,6 +10,7 @@ import os
 import subprocess
 
 import pytest
+import yaml
 
 from dist_ssl.experiments import local_runner
 from dist_ssl.experiments.cells import build_plan
@@ -51,6 +52,18 @@ def test_done_todo_stale_invalid(plan):
         "steps: 3", "steps: 30")})
     status, reason = state(pre, r_pre, None)
     assert status == "stale" and "changed: train.steps" in reason and str(pre.run_dir) in reason
+    # a key that dist_ssl added since the run (a new field at its default) is not another config,
+    # a key the run had that is gone now is
+    cfg = yaml.safe_load(record["config"])
+    del cfg["train"]["steps"]
+    write_record(pre.run_dir, {**record, "fingerprint": "old", "config": yaml.safe_dump(cfg, sort_keys=False)})
+    assert state(pre, r_pre, None) == ("done", "")
+    cfg = yaml.safe_load(record["config"])
+    cfg["train"]["no_longer_a_key"] = 1
+    write_record(pre.run_dir, {**record, "fingerprint": "old", "config": yaml.safe_dump(cfg, sort_keys=False)})
+    assert state(pre, r_pre, None)[0] == "stale"
+    write_record(pre.run_dir, {**record, "fingerprint": "old", "config": record["config"].replace(
+        "steps: 3", "steps: 30")})
     # ... also when only a checkpoint exists; with no progress at all it is simply relaunched
     r_pre.artifact.unlink()
     assert state(pre, r_pre, None)[0] == "todo"
