@@ -28,7 +28,7 @@ from dist_ssl.atomic import atomic_write_json
 from dist_ssl.data.errors import DataError
 from dist_ssl.data.loader import build_eval_loader
 from dist_ssl.data.manifest import load_manifest
-from dist_ssl.eval.features import (EvalError, extract_features, load_frozen_backbone,
+from dist_ssl.eval.features import (EvalError, extract_features, first_line, load_frozen_backbone,
                                     resolve_backbone_path, save_features)
 from dist_ssl.eval.knn import knn_accuracy
 from dist_ssl.eval.linear_probe import LinearProbeConfig, linear_probe
@@ -113,14 +113,10 @@ def random_backbone(a) -> tuple[torch.nn.Module, dict]:
     try:
         model = create_backbone(ModelConfig(name=a.random, img_size=a.img_size, in_chans=a.in_chans))
     except (ValueError, RuntimeError) as e:
-        raise EvalError(f"--random {a.random}: {_first(e)}") from None
+        raise EvalError(f"--random {a.random}: {first_line(e)}") from None
     info = {"architecture": a.random, "in_chans": a.in_chans, "img_size": a.img_size,
             "num_features": int(model.num_features)}
     return model.eval().requires_grad_(False), info
-
-
-def _first(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _check_device(name: str | None) -> None:

@@ -58,7 +58,7 @@ def load_frozen_backbone(path: str | os.PathLike,
     try:
         meta = read_export_metadata(path)
     except Exception as e:  # safetensors raises its own error types for a bad header
-        raise EvalError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+        raise EvalError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
     arch = meta.get("architecture", "")
     if not arch or "in_chans" not in meta or "img_size" not in meta:
         raise EvalError(f"{path}: no architecture/in_chans/img_size metadata "
@@ -83,7 +83,7 @@ def load_frozen_backbone(path: str | os.PathLike,
             model = create_backbone(ModelConfig(name=arch, img_size=size, in_chans=in_chans))
             load_backbone_state(model, load_backbone_file(path))
     except (RuntimeError, ValueError, KeyError, TypeError, AssertionError) as e:
-        raise EvalError(f"{path}: cannot load {arch} at {size}px: {_first_line(e)}") from None
+        raise EvalError(f"{path}: cannot load {arch} at {size}px: {first_line(e)}") from None
     model.eval().requires_grad_(False)
     info = {"architecture": arch, "in_chans": in_chans, "img_size": size,
             "native_img_size": native, "num_features": int(model.num_features)}
@@ -102,7 +102,7 @@ def _meta_int(path: Path, meta: dict, key: str, text: str) -> int:
     return value
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0][:300] if text else type(e).__name__
 
