@@ -1,4 +1,4 @@
-"""Exponential moving averages of weights: a model EMA and the functional momentum update.
+"""Exponential moving average of a model's weights (the functional update: ``methods/momentum.py``).
 
 ``ema = decay * ema + (1 - decay) * source`` for parameters; buffers (BatchNorm stats,
 DINO centers kept as buffers, ...) are copied, since averaging running statistics is not
@@ -23,32 +23,11 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
+from dist_ssl.methods.momentum import ema_update_
 from dist_ssl.models.export import unwrap_model
 from dist_ssl.parallel.full_params import full_parameters
 
-__all__ = ["ModelEMA", "ema_update_", "unwrap_model"]
-
-
-@torch.no_grad()
-def ema_update_(
-    target_params: Iterable[torch.Tensor],
-    source_params: Iterable[torch.Tensor],
-    momentum: float,
-) -> None:
-    """In place: ``target = momentum * target + (1 - momentum) * source`` (BYOL/DINO teacher).
-
-    Lists must align one to one; tensors with a different dtype/device are moved to the
-    target's. Uses the multi-tensor ``_foreach_lerp_`` kernel (one launch for all params).
-    """
-    targets = list(target_params)
-    sources = list(source_params)
-    if len(targets) != len(sources):
-        raise ValueError(f"ema_update_: {len(targets)} targets vs {len(sources)} sources")
-    if not targets:
-        return
-    sources = [s.detach().to(device=t.device, dtype=t.dtype) for t, s in zip(targets, sources)]
-    # lerp_(s, w) computes t + w * (s - t) == (1 - w) * t + w * s.
-    torch._foreach_lerp_(targets, sources, 1.0 - momentum)
+__all__ = ["ModelEMA", "unwrap_model"]
 
 
 class ModelEMA:

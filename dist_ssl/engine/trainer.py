@@ -24,7 +24,7 @@ from dist_ssl.engine.metrics import build_sinks, memory_stats
 from dist_ssl.engine.optim import set_weight_decay
 from dist_ssl.engine.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
 from dist_ssl.engine.progress import Progress
-from dist_ssl.engine.schedules import cosine
+from dist_ssl.step_schedules import cosine
 from dist_ssl.engine.setup import RunParts, build_run, run_name
 from dist_ssl.parallel.accelerator import describe
 from dist_ssl.atomic import atomic_write_json

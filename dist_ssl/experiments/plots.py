@@ -18,6 +18,7 @@ from typing import Optional
 
 from dist_ssl.experiments.cells import Cell
 from dist_ssl.experiments.spec import Experiment, eval_expression, row_name
+from dist_ssl.experiments.table_rows import floor_rows, row_label
 
 
 def _pyplot():
@@ -106,8 +107,6 @@ def cell_curves(cell: Cell, path: Path) -> dict:
 def bar_chart(exp: Experiment, metric: str, rows: dict, floors: dict, path: Path) -> dict:
     """Grouped bars (data sets x rows) with error bars over seeds, the paper's values as markers
     and the raw-pixel floors as hatched bars; {(row, dataset): (mean, std)} of what was drawn."""
-    from dist_ssl.experiments.report import floor_rows, row_label
-
     plt = _pyplot()
     datasets = [ds for ds in exp.datasets if any(ds in r for r in rows.values())]
     floor = [(label, v) for label, v in floor_rows(exp, floors)]

@@ -28,6 +28,7 @@ from dist_ssl.atomic import atomic_write_text
 from dist_ssl.experiments.cells import EVAL_OUT, Cell, Plan
 from dist_ssl.experiments.spec import EVAL_METHODS, METRICS, Experiment, row_name
 from dist_ssl.experiments.status import BACKBONE_FILE, EVAL_FILE, read_record
+from dist_ssl.experiments.table_rows import floor_rows, row_label
 
 METRIC_TITLES = {"pretrain": "pre-training run, top-1 on its data.val (%)",
                  "finetune": "fine-tuning, top-1 (%)", "finetune_448": "fine-tuning at 448 px, top-1 (%)",
@@ -135,21 +136,6 @@ def entry_text(entry: Optional[Entry], decimals: int) -> str:
         text += f" ± {_fmt(entry.std, decimals)}"
     text += f" (n={entry.n})" if not entry.missing else f" (n={entry.n} of {len(entry.seeds)})"
     return text
-
-
-def row_label(exp: Experiment, method: str, variant: Optional[str]) -> str:
-    label = exp.methods[method].label
-    return label if variant is None else f"{label} [{exp.variants[variant].label}]"
-
-
-def floor_rows(exp: Experiment, floors: dict) -> list[tuple[str, dict]]:
-    """[(label, dataset -> percent or note)] for the logistic-regression and k-NN floors."""
-    if exp.pixel_floor is None or not floors:
-        return []
-    f = exp.pixel_floor
-    lr = {d: (100 * r["logreg_top1"] if isinstance(r, dict) else r) for d, r in floors.items()}
-    knn = {d: (100 * r["knn_top1"] if isinstance(r, dict) else r) for d, r in floors.items()}
-    return [(f"raw pixels: logistic regression (C={f.C:g})", lr), (f"raw pixels: {f.k}-NN", knn)]
 
 
 def run_times(plan: Plan) -> list[tuple[str, str, int, float]]:

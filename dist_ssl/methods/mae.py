@@ -22,12 +22,13 @@ from torch import nn
 from dist_ssl.config.schema import doc
 from dist_ssl.data.masking import make_masks, mask_to_ids
 from dist_ssl.data.views import CropGroup, ViewSpec
-from dist_ssl.heads.mim_decoder import MIMDecoder, encode_visible, vit_grid, vit_patch_size
+from dist_ssl.heads.mim_decoder import MIMDecoder
 from dist_ssl.losses.mim import masked_pixel_loss, pixel_targets
 from dist_ssl.methods.base import Method, MethodConfig, MethodContext
-from dist_ssl.methods.beit import mim_backbone
+from dist_ssl.methods.mim_common import mim_backbone
 from dist_ssl.methods.registry import register_method
 from dist_ssl.models.export import unwrap_model
+from dist_ssl.models.vit_tokens import encode_visible, vit_grid, vit_patch_size
 
 
 @dataclass

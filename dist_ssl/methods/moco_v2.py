@@ -15,14 +15,11 @@ Data parallelism:
 - queue, queue pointer and teacher are in ``extra_state_dict`` (checkpointed, restored).
 Keys of a step are enqueued in ``after_step``, i.e. after every micro-batch of the step used the
 old queue (MoCo enqueues at the end of each forward; identical without gradient accumulation).
-
-This module also holds the momentum-teacher helpers that MoCo v3 and DINO reuse.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,72 +27,19 @@ from torch import nn
 
 from dist_ssl.config.schema import doc
 from dist_ssl.data.views import CropGroup, ViewSpec
-from dist_ssl.engine.ema import ema_update_
-from dist_ssl.parallel.full_params import full_parameters
 from dist_ssl.heads.projection import MultiCropWrapper, ProjectionMLP
 from dist_ssl.losses.info_nce import queue_info_nce
 from dist_ssl.methods.base import Method, MethodConfig, MethodContext
+from dist_ssl.methods.momentum import momentum_teacher, momentum_update_, teacher_forward
 from dist_ssl.methods.registry import register_method
+from dist_ssl.methods.ssl_backbone import build_ssl_backbone
 from dist_ssl.models.export import unwrap_model
-from dist_ssl.models.factory import create_backbone, feature_dim
+from dist_ssl.models.factory import feature_dim
 from dist_ssl.parallel.collectives import all_gather_cat
 
-__all__ = ["MoCoV2", "MoCoV2Config", "build_ssl_backbone", "momentum_teacher", "momentum_update_",
-           "teacher_forward"]
+__all__ = ["MoCoV2", "MoCoV2Config"]
 
 
-# ----------------------------------------------------------------- momentum-teacher helpers
-def build_ssl_backbone(ctx: MethodContext, dynamic_img_size: bool = False) -> nn.Module:
-    """Headless backbone (pooled [B, D] output) from the run's model config."""
-    model_cfg = copy.deepcopy(ctx.model)
-    model_cfg.num_classes = 0
-    model_cfg.dynamic_img_size = model_cfg.dynamic_img_size or dynamic_img_size
-    return create_backbone(model_cfg)
-
-
-def momentum_teacher(student: MultiCropWrapper) -> MultiCropWrapper:
-    """Frozen copy of the student without its predictor and without stochastic depth.
-
-    Built before the engine wraps / shards the student (FSDP2 modules refuse deepcopy).
-    """
-    teacher = MultiCropWrapper(copy.deepcopy(student.backbone), copy.deepcopy(student.head))
-    for m in teacher.modules():
-        if hasattr(m, "drop_prob"):  # timm DropPath: the teacher sees the whole network
-            m.drop_prob = 0.0
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
-
-
-@torch.no_grad()
-def momentum_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """``teacher = m * teacher + (1 - m) * student`` for every teacher parameter, matched by name.
-
-    ``student`` may be wrapped (DDP, torch.compile) or sharded in place (FSDP2 DTensors,
-    DeepSpeed ZeRO-3 partitions): sharded parameters are gathered (``parallel.full_params``,
-    a collective, so every rank must call this). Buffers (BN statistics) are the teacher's
-    own, as in MoCo.
-    """
-    source = dict(unwrap_model(student).named_parameters())
-    targets, sources = [], []
-    for name, t in teacher.named_parameters():
-        if name not in source:
-            raise KeyError(f"momentum_update_: teacher parameter {name!r} has no student counterpart")
-        targets.append(t)
-        sources.append(source[name])
-    with full_parameters(sources) as full:  # FSDP2 / ZeRO-3: a collective
-        ema_update_(targets, full, momentum)
-
-
-@torch.no_grad()
-def teacher_forward(teacher: nn.Module, views: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Teacher outputs [V*B, P] in float32; inputs are cast to the teacher's dtype (DeepSpeed
-    bf16 runs hand the method bf16 views, the teacher stays fp32)."""
-    dtype = next(teacher.parameters()).dtype
-    return teacher([v.to(dtype) for v in views]).float()
-
-
-# ----------------------------------------------------------------- MoCo v2
 @dataclass
 class MoCoV2Config(MethodConfig):
     name: str = doc("mocov2", "training method")

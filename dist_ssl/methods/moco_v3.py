@@ -23,12 +23,13 @@ from torch import nn
 
 from dist_ssl.config.schema import doc
 from dist_ssl.data.views import CropGroup, ViewSpec
-from dist_ssl.engine.schedules import cosine
+from dist_ssl.step_schedules import cosine
 from dist_ssl.heads.projection import MultiCropWrapper, ProjectionMLP
 from dist_ssl.losses.info_nce import global_info_nce
 from dist_ssl.methods.base import Method, MethodConfig, MethodContext
-from dist_ssl.methods.moco_v2 import build_ssl_backbone, momentum_teacher, momentum_update_, teacher_forward
+from dist_ssl.methods.momentum import momentum_teacher, momentum_update_, teacher_forward
 from dist_ssl.methods.registry import register_method
+from dist_ssl.methods.ssl_backbone import build_ssl_backbone
 from dist_ssl.models.export import unwrap_model
 from dist_ssl.models.factory import feature_dim
 

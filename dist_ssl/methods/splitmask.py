@@ -24,13 +24,14 @@ from torch import nn
 from dist_ssl.config.schema import doc
 from dist_ssl.data.masking import mask_to_ids
 from dist_ssl.data.views import ViewSpec
-from dist_ssl.heads.mim_decoder import MIMDecoder, gather_rows, vit_embed, vit_encode, vit_grid
+from dist_ssl.heads.mim_decoder import MIMDecoder
 from dist_ssl.losses.mim import masked_token_loss
 from dist_ssl.losses.symmetric_info_nce import symmetric_info_nce
 from dist_ssl.methods.base import Method, MethodContext
-from dist_ssl.methods.beit import MIMConfig, mim_backbone, mim_masks, mim_tokenizer, mim_views
+from dist_ssl.methods.mim_common import MIMConfig, mim_backbone, mim_masks, mim_tokenizer, mim_views
 from dist_ssl.methods.registry import register_method
 from dist_ssl.models.export import unwrap_model
+from dist_ssl.models.vit_tokens import gather_rows, vit_embed, vit_encode, vit_grid
 
 
 @dataclass

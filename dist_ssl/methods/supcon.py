@@ -15,7 +15,7 @@ from dist_ssl.config.schema import doc
 from dist_ssl.losses.supcon import supcon_loss
 from dist_ssl.methods.base import MethodContext
 from dist_ssl.methods.registry import register_method
-from dist_ssl.methods.simclr import SimCLR, SimCLRConfig
+from dist_ssl.methods.two_view_contrastive import SimCLRConfig, TwoViewContrastive
 
 __all__ = ["SupCon", "SupConConfig"]
 
@@ -33,8 +33,8 @@ class SupConConfig(SimCLRConfig):
 
 
 @register_method("supcon")
-class SupCon(SimCLR):
-    """Same student, views and export as :class:`SimCLR`; only the loss differs."""
+class SupCon(TwoViewContrastive):
+    """Same student, views and export as SimCLR; only the loss differs."""
 
     config_class = SupConConfig
 

@@ -10,7 +10,6 @@ backbones are loaded from local files with ``dist_ssl.models.pos_embed.load_back
 # field types via dataclasses.fields(), which must be real types, not strings.
 import difflib
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional
 
@@ -21,6 +20,7 @@ from torch import nn
 from dist_ssl.config.registry import register_section
 
 from . import cvt, small_vit, t2t_vit  # noqa: F401  (register the small ViTs, T2T-ViT, CvT with timm)
+from .vit_tokens import token_grid
 
 __all__ = [
     "BACKBONE_ALIASES",
@@ -191,7 +191,7 @@ def forward_tokens(model: nn.Module, x: torch.Tensor) -> TokenOutput:
     if feats.ndim == 3:
         num_prefix = int(getattr(model, "num_prefix_tokens", 0))
         tokens = feats[:, num_prefix:]
-        grid = _vit_grid(model, x, tokens.shape[1])
+        grid = token_grid(model, x, tokens.shape[1])
     elif feats.ndim == 4 and getattr(model, "output_fmt", "NCHW") == "NHWC":
         grid = (feats.shape[1], feats.shape[2])
         tokens = feats.flatten(1, 2)
@@ -201,20 +201,6 @@ def forward_tokens(model: nn.Module, x: torch.Tensor) -> TokenOutput:
     else:
         raise ValueError(f"forward_tokens: unsupported feature shape {tuple(feats.shape)}")
     return TokenOutput(pooled, tokens, grid)
-
-
-def _vit_grid(model: nn.Module, x: torch.Tensor, num_tokens: int) -> tuple[int, int]:
-    patch_embed = getattr(model, "patch_embed", None)
-    if hasattr(model, "feature_grid"):  # T2T-ViT, CvT: no patch embedding, they know their grid
-        grid = tuple(int(g) for g in model.feature_grid(tuple(x.shape[-2:])))
-    elif patch_embed is not None and hasattr(patch_embed, "dynamic_feat_size"):
-        grid = tuple(int(g) for g in patch_embed.dynamic_feat_size(tuple(x.shape[-2:])))
-    else:  # assume a square grid
-        side = math.isqrt(num_tokens)
-        grid = (side, side)
-    if grid[0] * grid[1] != num_tokens:
-        raise ValueError(f"forward_tokens: {num_tokens} tokens do not form the grid {grid}")
-    return grid
 
 
 register_section("model", ModelConfig)

@@ -25,7 +25,7 @@ from torch import nn
 from dist_ssl.engine.checkpoint import CheckpointError, CheckpointManager
 from dist_ssl.engine.ema import ModelEMA
 from dist_ssl.engine.optim import set_weight_decay
-from dist_ssl.methods.moco_v2 import momentum_update_
+from dist_ssl.methods.momentum import momentum_update_
 from dist_ssl.parallel import collectives as C
 from dist_ssl.parallel.accelerator import (
     ParallelConfig,

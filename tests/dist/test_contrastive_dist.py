@@ -21,7 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 import _contrastive_worker as W  # noqa: E402
 
-from dist_ssl.methods.moco_v2 import teacher_forward  # noqa: E402
+from dist_ssl.methods.momentum import teacher_forward  # noqa: E402
 
 pytestmark = pytest.mark.dist
 

@@ -18,7 +18,7 @@ import dist_ssl.models  # noqa: F401  (registers the small ViTs with timm)
 from dist_ssl.config.run import reload_saved_config
 from dist_ssl.models.export import timm_pretrained_kwargs
 
-from dist_ssl.engine.schedules import cosine
+from dist_ssl.step_schedules import cosine
 
 from .conftest import BASELINE, REPO, read_log, run_train, train_args, train_env
 

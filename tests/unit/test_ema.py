@@ -6,7 +6,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_ssl.engine.ema import ModelEMA, ema_update_, unwrap_model
+from dist_ssl.engine.ema import ModelEMA, unwrap_model
+from dist_ssl.methods.momentum import ema_update_
 
 
 def _model() -> nn.Module:

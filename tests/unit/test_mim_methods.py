@@ -9,7 +9,8 @@ import dist_ssl.methods  # noqa: F401  (registers every method)
 from dist_ssl.config.schema import from_dict
 from dist_ssl.data.loader import build_train_loader
 from dist_ssl.data.masking import mask_to_ids
-from dist_ssl.heads.mim_decoder import MIMDecoder, encode_visible
+from dist_ssl.heads.mim_decoder import MIMDecoder
+from dist_ssl.models.vit_tokens import encode_visible
 from dist_ssl.losses.mim import masked_pixel_loss, masked_token_loss, pixel_targets
 from dist_ssl.methods import MethodConfig, MethodContext, build_method
 from dist_ssl.models.factory import ModelConfig

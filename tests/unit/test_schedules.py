@@ -10,9 +10,8 @@ import torch
 from torch import nn
 
 from dist_ssl.engine.optim import OptimConfig, build_optimizer, param_groups
-from dist_ssl.engine.schedules import (
-    LRMultiplier, build_lr_scheduler, cosine, linear, linear_warmup_then_constant, warmup_cosine,
-)
+from dist_ssl.engine.schedules import LRMultiplier, build_lr_scheduler
+from dist_ssl.step_schedules import cosine, linear, linear_warmup_then_constant, warmup_cosine
 
 TOTAL, WARM, BASE, FINAL, START = 100, 10, 1e-3, 1e-5, 1e-4
 
