@@ -65,7 +65,7 @@ def build_run(cfg) -> RunParts:
     set_seed(cfg.seed)  # identical initial weights on every rank, whatever the world size
     ctx = MethodContext(model=copy.deepcopy(cfg.model), num_samples=manifest.num_samples,
                         num_classes=manifest.num_classes, in_chans=cfg.model.in_chans,
-                        world_size=world, rank=rank, output_dir=cfg.output_dir, seed=cfg.seed)
+                        world_size=world, rank=rank, output_dir=cfg.output_dir, seed=cfg.seed, equal_rank_batches=True)
     method = build_method(cfg.method, ctx)
     if world > 1 and cfg.parallel.global_batchnorm:  # before the optimizer, EMA and DP wrapping see it
         _, n_bn = convert_to_global_batchnorm(method)

@@ -31,30 +31,36 @@ from dist_ssl.parallel.collectives import all_gather_cat, all_gather_with_grad, 
 __all__ = ["global_info_nce", "nt_xent", "queue_info_nce", "rank_offset"]
 
 
-def rank_offset(n: int, device: torch.device) -> int:
+def rank_offset(n: int, device: torch.device, equal_batches: bool = False) -> int:
     """Row index of this rank's first sample in the rank-ordered global batch.
 
-    One tiny all_gather of the per-rank sizes (ranks may hold different N); 0 without a
-    process group.
+    ``equal_batches``: the caller's guarantee that every rank holds the same N (training batches:
+    ``MethodContext.equal_rank_batches``), so the offset is rank x N with no collective and no host
+    sync. Otherwise (ranks may hold different N) one tiny all_gather of the per-rank sizes and a
+    host sync. 0 without a process group.
     """
     if get_world_size() == 1:
         return 0
+    if equal_batches:
+        return get_rank() * n
     sizes = all_gather_cat(torch.tensor([n], dtype=torch.long, device=device))
     return int(sizes[: get_rank()].sum().item())
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1,
+            equal_batches: bool = False) -> torch.Tensor:
     """SimCLR NT-Xent, mean over this rank's 2N anchors.
 
     z1, z2: [N, D] projections of the two views (normalised here). Anchor ``z1[i]`` has positive
     ``z2[i]`` and as negatives the other 2M - 2 embeddings of the global batch (itself excluded).
+    ``equal_batches``: every rank holds the same N (see :func:`rank_offset`).
     """
     if z1.shape != z2.shape or z1.ndim != 2:
         raise ValueError(f"nt_xent: expected two [N, D] tensors, got {tuple(z1.shape)} and {tuple(z2.shape)}")
     n = z1.shape[0]
     z1 = F.normalize(z1.float(), dim=1)
     z2 = F.normalize(z2.float(), dim=1)
-    offset = rank_offset(n, z1.device)
+    offset = rank_offset(n, z1.device, equal_batches)
     g1, g2 = all_gather_with_grad(torch.cat([z1, z2], dim=1)).chunk(2, dim=1)  # one gather: [M, D] x 2
     m = g1.shape[0]
     anchors = torch.cat([z1, z2])                                   # [2N, D]
@@ -86,20 +92,21 @@ def queue_info_nce(q: torch.Tensor, k: torch.Tensor, queue: Optional[torch.Tenso
     return F.cross_entropy(logits / temperature, labels)
 
 
-def global_info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+def global_info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2,
+                    equal_batches: bool = False) -> torch.Tensor:
     """MoCo v3 ``ctr(q, k)``: mean over this rank's N queries, scaled by ``2 * temperature``.
 
     q: [N, D] queries (normalised here); k: [N, D] keys of the same images from the momentum
     encoder (normalised here; gathered from all ranks WITHOUT gradient, as in MoCo v3 where
     keys never carry one). Logits [N, M], the positive of query i at column ``offset + i``.
     The ``2 * temperature`` factor is MoCo v3's, which keeps gradient magnitudes comparable
-    across temperatures.
+    across temperatures. ``equal_batches``: every rank holds the same N (see :func:`rank_offset`).
     """
     if q.shape != k.shape or q.ndim != 2:
         raise ValueError(f"global_info_nce: expected two [N, D] tensors, got {tuple(q.shape)} and {tuple(k.shape)}")
     q = F.normalize(q.float(), dim=1)
     k = F.normalize(k.detach().float(), dim=1)
-    offset = rank_offset(q.shape[0], q.device)
+    offset = rank_offset(q.shape[0], q.device, equal_batches)
     keys = all_gather_cat(k)                                      # [M, D]
     logits = q @ keys.T / temperature                             # [N, M]
     labels = torch.arange(q.shape[0], device=q.device) + offset

@@ -28,12 +28,13 @@ __all__ = ["supcon_loss"]
 
 
 def supcon_loss(features: Union[torch.Tensor, Sequence[torch.Tensor]], labels: torch.Tensor,
-                temperature: float = 0.1, base_temperature: Optional[float] = None) -> torch.Tensor:
+                temperature: float = 0.1, base_temperature: Optional[float] = None,
+                equal_batches: bool = False) -> torch.Tensor:
     """SupCon loss, mean over this rank's anchors.
 
     features: [N, V, D] or a list of V tensors [N, D] (normalised here); labels: [N] ints.
     base_temperature: T_base in the scale T / T_base (None = T, i.e. no rescaling; Khosla et
-    al.'s code uses 0.07 for both).
+    al.'s code uses 0.07 for both). equal_batches: every rank holds the same N (``rank_offset``).
     """
     z = torch.stack(list(features), dim=1) if not isinstance(features, torch.Tensor) else features
     if z.ndim != 3 or labels.shape != z.shape[:1]:
@@ -41,7 +42,7 @@ def supcon_loss(features: Union[torch.Tensor, Sequence[torch.Tensor]], labels: t
                          f"{tuple(z.shape)} and {tuple(labels.shape)}")
     n, v, _ = z.shape
     z = F.normalize(z.float(), dim=-1)
-    offset = rank_offset(n, z.device)
+    offset = rank_offset(n, z.device, equal_batches)
     gz = all_gather_with_grad(z)                                  # [M, V, D]
     gl = all_gather_cat(labels)                                   # [M]
     m = gz.shape[0]

@@ -21,8 +21,11 @@ from dist_ssl.losses.info_nce import rank_offset
 from dist_ssl.parallel.collectives import all_gather_with_grad
 
 
-def symmetric_info_nce(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.2) -> torch.Tensor:
+def symmetric_info_nce(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.2,
+                       equal_batches: bool = False) -> torch.Tensor:
     """Mean of InfoNCE(z1 -> all z2) and InfoNCE(z2 -> all z1) over this rank's N rows.
+
+    equal_batches: every rank holds the same N (see ``info_nce.rank_offset``).
 
     Collective when a process group exists: every rank must call it once per step.
     """
@@ -33,7 +36,7 @@ def symmetric_info_nce(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.2) -> 
     # one gather for both views: a collective per step in forward and one in backward
     all1, all2 = all_gather_with_grad(torch.cat([z1, z2], dim=1)).split(z1.shape[1], dim=1)
     n = z1.shape[0]
-    labels = torch.arange(n, device=z1.device) + rank_offset(n, z1.device)
+    labels = torch.arange(n, device=z1.device) + rank_offset(n, z1.device, equal_batches)
     loss12 = F.cross_entropy(z1 @ all2.t() / tau, labels)
     loss21 = F.cross_entropy(z2 @ all1.t() / tau, labels)
     return 0.5 * (loss12 + loss21)

@@ -47,6 +47,9 @@ class MethodContext:
     steps_per_epoch: int = 1
     output_dir: Optional[str] = None
     seed: int = 0                   # the run's seed (cfg.seed), for method-side randomness (masks)
+    # True when every rank's forward batch has the same rows (the engine's train loader gives every
+    # rank full batches of train.batch_size): global-batch losses then skip their size gathers
+    equal_rank_batches: bool = False
 
 
 class Method(nn.Module):

@@ -203,7 +203,7 @@ class IDMM(Method):
         total, logs = None, {}
         for name, g, f in zip(GROUP_NAMES, groups, feats.split([len(g.lam) for g in groups])):
             ce = self.classifier.loss(f, g.target_a, g.target_b, g.lam, smoothing=self.cfg.label_smoothing,
-                                      chunk_size=self.cfg.logit_chunk)
+                                      chunk_size=self.cfg.logit_chunk, equal_batches=self.ctx.equal_rank_batches)
             total = ce if total is None else total + ce
             logs[f"ce_{name}"] = ce.detach()
         logs["lam"] = torch.cat([g.lam for g in groups]).mean().detach()

@@ -95,7 +95,8 @@ class MoCoV3(Method):
         q1, q2 = self.student(views).chunk(2)               # [B, P] each, through the predictor
         k1, k2 = teacher_forward(self.teacher, views).chunk(2)
         t = self.cfg.temperature
-        loss = global_info_nce(q1, k2, t) + global_info_nce(q2, k1, t)
+        equal = self.ctx.equal_rank_batches
+        loss = global_info_nce(q1, k2, t, equal) + global_info_nce(q2, k1, t, equal)
         return {"loss": loss, "logs": {"momentum": torch.tensor(self.momentum_at(step + 1))}}
 
     @torch.no_grad()

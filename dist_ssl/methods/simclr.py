@@ -31,5 +31,5 @@ class SimCLR(TwoViewContrastive):
 
     def forward(self, batch: dict[str, Any], step: int) -> dict[str, Any]:
         z1, z2 = self.embed(batch)
-        loss = nt_xent(z1, z2, self.cfg.temperature)
+        loss = nt_xent(z1, z2, self.cfg.temperature, self.ctx.equal_rank_batches)
         return {"loss": loss, "logs": {"nt_xent": loss.detach()}}

@@ -112,7 +112,7 @@ class SplitMask(Method):
         loss_b, acc_b = masked_token_loss(logits_b, tokens.gather(1, ids_b).flatten())
         loss_a, acc_a = masked_token_loss(logits_a, tokens.gather(1, ids_a).flatten())
         mim = 0.5 * (loss_a + loss_b)
-        nce = symmetric_info_nce(desc_a, desc_b, self.cfg.tau)
+        nce = symmetric_info_nce(desc_a, desc_b, self.cfg.tau, self.ctx.equal_rank_batches)
         loss = mim + self.cfg.contrastive_weight * nce
         return {"loss": loss, "logs": {"mim_ce": mim.detach(), "info_nce": nce.detach(),
                                        "mim_acc": 0.5 * (acc_a + acc_b)}}

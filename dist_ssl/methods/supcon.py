@@ -46,5 +46,6 @@ class SupCon(TwoViewContrastive):
 
     def forward(self, batch: dict[str, Any], step: int) -> dict[str, Any]:
         z1, z2 = self.embed(batch)
-        loss = supcon_loss([z1, z2], batch["label"], self.cfg.temperature, self.cfg.base_temperature)
+        loss = supcon_loss([z1, z2], batch["label"], self.cfg.temperature, self.cfg.base_temperature,
+                           self.ctx.equal_rank_batches)
         return {"loss": loss, "logs": {"supcon": loss.detach()}}

@@ -111,6 +111,25 @@ def _bad_targets_message(num_classes: int, ranks: Optional[list[int]] = None, ex
             f"ids must index the N = {num_classes} classes (check the shards against their manifest)")
 
 
+def _check_targets(target_a: torch.Tensor, target_b: torch.Tensor, num_classes: int,
+                   rows_per_rank: Optional[int] = None) -> None:
+    """Range check of targets every rank holds alike (its own at P = 1, the gathered global batch
+    with ``rows_per_rank``), so every rank raises together (a rank raising alone would leave the
+    others in a collective). On CPU a ValueError naming the ranks; on a GPU an async device assert
+    instead of a host sync (a violation ends the process at the next sync, as a device-side assert
+    must)."""
+    bad = _targets_out_of_range(target_a, target_b, num_classes)
+    if bad.device.type != "cpu":
+        torch._assert_async(~bad, _bad_targets_message(num_classes))
+    elif bool(bad):
+        ids = torch.cat([target_a, target_b])
+        out = (ids < 0) | (ids >= num_classes)
+        if rows_per_rank is None:
+            raise ValueError(_bad_targets_message(num_classes, example=int(ids[out][0])))
+        rows = out.nonzero().flatten() % len(target_a)
+        raise ValueError(_bad_targets_message(num_classes, ranks=sorted({int(r) // rows_per_rank for r in rows})))
+
+
 def _all_gather_equal(t: torch.Tensor, group, world: int) -> list[torch.Tensor]:
     parts = [torch.empty_like(t) for _ in range(world)]
     dist.all_gather(parts, t.contiguous(), group=group)
@@ -144,6 +163,26 @@ class _GatherRows(torch.autograd.Function):
         out = torch.empty_like(pieces[0])
         dist.reduce_scatter(out, pieces, op=dist.ReduceOp.SUM, group=ctx.group)
         return out[: sizes[ctx.rank]], None, None, None
+
+
+def _gather_batch(x: torch.Tensor, tgt: torch.Tensor, num_classes: int, rank: int, world: int, group,
+                  equal_batches: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's features x [B, D] and targets tgt [B, 3] -> the global batch's [M, D], [M, 3],
+    targets range-checked with every rank raising together. Equal batches: two gathers. Else a
+    size gather first, whose host sync also carries every rank's range flag."""
+    b_rows = x.shape[0]
+    if equal_batches:
+        sizes = [b_rows] * world
+    else:
+        bad = _targets_out_of_range(tgt[:, 0], tgt[:, 1], num_classes)
+        sizes, bad_ranks = _gather_sizes(b_rows, bad, x.device, group, world)
+        if bad_ranks:
+            raise ValueError(_bad_targets_message(num_classes, ranks=bad_ranks))
+    x = _GatherRows.apply(x, sizes, rank, group)
+    tgt = _gather_rows(tgt, sizes, group)
+    if equal_batches:  # the gathered targets are the same on every rank: so is the check
+        _check_targets(tgt[:, 0], tgt[:, 1], num_classes, rows_per_rank=b_rows)
+    return x, tgt
 
 
 class _GradScale(torch.autograd.Function):
@@ -360,11 +399,15 @@ def _global_stats(lse_loc: torch.Tensor, tgt_loc: torch.Tensor, group) -> tuple[
 
 def sharded_soft_cross_entropy(features, weight_shard, shard_start, num_classes, target_a, target_b, lam,
                                smoothing=0.0, group=None, chunk_size=None, bias_shard=None,
-                               compute_dtype=None) -> torch.Tensor:
+                               compute_dtype=None, equal_batches=False) -> torch.Tensor:
     """Mean over the global batch of -sum_j q_j log softmax(x W^T + bias)_j; the same on every rank.
 
-    features [B, D]: this rank's rows (B may differ between ranks: one extra tiny all-gather of
-    the sizes is always done). weight_shard [n_local, D], bias_shard [n_local] or None: classes
+    features [B, D]: this rank's rows. B may differ between ranks (eval, a last short batch): then
+    one extra tiny all-gather of the sizes and a host sync. ``equal_batches=True`` is the caller's
+    guarantee that every rank passes the same B (training batches: the train loader gives every
+    rank full batches of ``train.batch_size``, ``MethodContext.equal_rank_batches``): no size
+    gather, no host sync on a GPU (a false promise is a bug: the feature gather then fails or, on
+    NCCL, may hang). weight_shard [n_local, D], bias_shard [n_local] or None: classes
     [shard_start, shard_start + n_local) of ``num_classes`` (N, global). target_a, target_b [B]
     (long, in [0, N); any rank's target outside it raises ValueError on every rank) and lam [B]
     (1.0 = no mixing; a == b is allowed) of this rank's rows;
@@ -391,24 +434,12 @@ def sharded_soft_cross_entropy(features, weight_shard, shard_start, num_classes,
         raise ValueError(f"target_a/target_b/lam must be [{b_rows}], got {tuple(target_a.shape)}, "
                          f"{tuple(target_b.shape)}, {tuple(lam.shape)}")
     x = features.to(_compute_dtype(compute_dtype, weight_shard, features.device))
-    # Range check of the targets, raised by every rank together (a rank raising alone would leave the
-    # others in a collective). Cost: P > 1: nothing extra (the flag rides on the sizes gather and its
-    # existing host sync); P = 1 on CPU: a bool; P = 1 on GPU: an async device assert, no host sync (a
-    # violation ends the process at the next sync, as a device-side assert must).
-    bad = _targets_out_of_range(target_a, target_b, num_classes)
-    if world == 1 and bad.device.type == "cpu" and bool(bad):
-        ids = torch.cat([target_a, target_b])
-        raise ValueError(_bad_targets_message(num_classes, example=int(ids[(ids < 0) | (ids >= num_classes)][0])))
-    if world == 1 and bad.device.type != "cpu":
-        torch._assert_async(~bad, _bad_targets_message(num_classes))
     # one [B, 3] float64 gather for the targets (ids < 2**53 are exact in float64)
     tgt = torch.stack([t.to(x.device, torch.float64) for t in (target_a, target_b, lam)], 1)
-    if world > 1:
-        sizes, bad_ranks = _gather_sizes(b_rows, bad, x.device, group, world)
-        if bad_ranks:
-            raise ValueError(_bad_targets_message(num_classes, ranks=bad_ranks))
-        x = _GatherRows.apply(x, sizes, rank, group)
-        tgt = _gather_rows(tgt, sizes, group)
+    if world == 1:
+        _check_targets(target_a, target_b, num_classes)
+    else:
+        x, tgt = _gather_batch(x, tgt, num_classes, rank, world, group, equal_batches)
     a, bb = tgt[:, 0].long(), tgt[:, 1].long()
     chunk = x.shape[0] if chunk_size is None else min(int(chunk_size), max(x.shape[0], 1))
     with torch.autocast(x.device.type, enabled=False):
@@ -467,12 +498,13 @@ class ShardedLinear(nn.Module):
                                f"is rank {rank}/{world}")
 
     def loss(self, features, target_a, target_b, lam, smoothing=0.0, chunk_size=None,
-             compute_dtype=None) -> torch.Tensor:
+             compute_dtype=None, equal_batches=False) -> torch.Tensor:
         """``sharded_soft_cross_entropy`` with this shard (features [B, D] of this rank)."""
         self._check_group()
         return sharded_soft_cross_entropy(features, self.weight, self.shard_start, self.num_classes, target_a,
                                           target_b, lam, smoothing=smoothing, group=self.group,
-                                          chunk_size=chunk_size, bias_shard=self.bias, compute_dtype=compute_dtype)
+                                          chunk_size=chunk_size, bias_shard=self.bias, compute_dtype=compute_dtype,
+                                          equal_batches=equal_batches)
 
     @torch.no_grad()
     def full_weight(self) -> torch.Tensor:

@@ -5,11 +5,14 @@ student in DDP, runs one step on ITS HALF of a fixed global batch (loss, backwar
 step, ``after_step``) and saves what the test compares with the reference on the whole batch:
 the rank's loss, the DDP-averaged gradients, and the method state after the step (teacher,
 MoCo v2 queue, DINO center). DINO runs once more with the student sharded by FSDP2
-(per-block + root ``fully_shard``), and the contrastive losses run on an uneven 3 + 5 split.
+(per-block + root ``fully_shard``), and the contrastive losses run on an uneven 3 + 5 split, and
+on a 4 + 4 split with and without ``equal_batches`` (counting all_gathers).
+The methods see ``equal_rank_batches=True`` as under the engine (the halves are equal).
 """
 from __future__ import annotations
 
 import datetime
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -41,7 +44,8 @@ def make_method(name: str):
     torch.manual_seed(0)  # identical weights, queue and heads on every rank and in the reference
     cfg = variants(MethodConfig)[name.removesuffix("_bn")](**CONFIGS[name])
     ctx = MethodContext(model=ModelConfig(name="vit_pico_patch4_28", img_size=28, in_chans=1),
-                        num_samples=64, num_classes=10, in_chans=1, total_steps=10, steps_per_epoch=5)
+                        num_samples=64, num_classes=10, in_chans=1, total_steps=10, steps_per_epoch=5,
+                        equal_rank_batches=True)
     return build_method(cfg, ctx)
 
 
@@ -95,18 +99,36 @@ def fsdp2_step(rank: int) -> dict:
 UNEVEN = (3, 5)  # rows on rank 0 and rank 1
 
 
-def loss_sums():
+def loss_sums(equal: bool = False):
     """name -> (fn(x, y) -> SUM of the per-anchor losses, number of (x, y) rows). Sums, not
-    means: with uneven shards the sum over ranks is what equals the single-process sum."""
+    means: with uneven shards the sum over ranks is what equals the single-process sum.
+    ``equal``: the losses' ``equal_batches`` (only for equal shards)."""
     from dist_ssl.losses.info_nce import global_info_nce, nt_xent
     from dist_ssl.losses.supcon import supcon_loss
 
     labels = torch.tensor([0, 1, 0, 2, 1, 0, 3, 1])
     return {
-        "nt_xent": lambda x, y, sl: nt_xent(x, y, 0.3) * 2 * x.shape[0],
-        "supcon": lambda x, y, sl: supcon_loss([x, y], labels[sl], 0.3) * 2 * x.shape[0],
-        "global_info_nce": lambda x, y, sl: global_info_nce(x, y, 0.3) * x.shape[0],
+        "nt_xent": lambda x, y, sl: nt_xent(x, y, 0.3, equal_batches=equal) * 2 * x.shape[0],
+        "supcon": lambda x, y, sl: supcon_loss([x, y], labels[sl], 0.3, equal_batches=equal) * 2 * x.shape[0],
+        "global_info_nce": lambda x, y, sl: global_info_nce(x, y, 0.3, equal_batches=equal) * x.shape[0],
     }
+
+
+@contextmanager
+def counting_all_gathers():
+    """Counts ``torch.distributed.all_gather`` calls (parallel.collectives calls it through the module)."""
+    count = [0]
+    original = dist.all_gather
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return original(*args, **kwargs)
+
+    dist.all_gather = counted
+    try:
+        yield count
+    finally:
+        dist.all_gather = original
 
 
 def loss_inputs():
@@ -114,18 +136,29 @@ def loss_inputs():
     return torch.randn(sum(UNEVEN), 6, generator=g), torch.randn(sum(UNEVEN), 6, generator=g)
 
 
-def uneven_losses(rank: int) -> dict:
-    """Each loss on this rank's rows of an uneven split: summed value and input gradients."""
-    start = sum(UNEVEN[:rank])
-    sl = slice(start, start + UNEVEN[rank])
+def split_losses(rank: int, split: tuple[int, ...] = UNEVEN, equal: bool = False) -> dict:
+    """Each loss on this rank's rows of a split: summed value, input gradients, all_gathers made."""
+    start = sum(split[:rank])
+    sl = slice(start, start + split[rank])
     x_all, y_all = loss_inputs()
     out = {}
-    for name, fn in loss_sums().items():
+    for name, fn in loss_sums(equal).items():
         x, y = x_all[sl].clone().requires_grad_(True), y_all[sl].clone().requires_grad_(True)
-        value = fn(x, y, sl)
-        value.backward()
-        out[name] = {"sum": value.item(), "grad_x": x.grad, "grad_y": y.grad}
+        with counting_all_gathers() as gathers:
+            value = fn(x, y, sl)
+            value.backward()
+        out[name] = {"sum": value.item(), "grad_x": x.grad, "grad_y": y.grad, "all_gathers": gathers[0]}
     return out
+
+
+def uneven_losses(rank: int) -> dict:
+    return split_losses(rank)
+
+
+def equal_losses(rank: int) -> dict:
+    """4 + 4 rows, the sizes gathered ("gathered") or declared equal ("declared")."""
+    half = (sum(UNEVEN) // WORLD,) * WORLD
+    return {"gathered": split_losses(rank, half), "declared": split_losses(rank, half, equal=True)}
 
 
 def run(rank: int, init_file: str, out_dir: str) -> None:
@@ -140,7 +173,7 @@ def run(rank: int, init_file: str, out_dir: str) -> None:
         params = list(method.student.named_parameters())
         method.student = nn.parallel.DistributedDataParallel(method.student)
         results[name] = one_step(method, batch, params)
-    for key, fn in (("uneven", uneven_losses), ("dino_fsdp2", fsdp2_step)):
+    for key, fn in (("uneven", uneven_losses), ("equal", equal_losses), ("dino_fsdp2", fsdp2_step)):
         try:  # recorded, not raised: the other results still reach the test
             results[key] = fn(rank)
         except Exception as exc:  # noqa: BLE001

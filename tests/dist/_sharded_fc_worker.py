@@ -3,7 +3,9 @@
 Each case draws the global batch from a generator seeded by the case index (the same on every
 rank), takes this rank's rows and classes, and compares the sharded loss and gradients with a
 dense float64 single-process reference. The largest errors go to ``OUT/rank_<r>.json``; the test
-process asserts on them (so a failure names the case and the quantity).
+process asserts on them (so a failure names the case and the quantity). Each case also records
+how many all_gathers the loss made: with ``equal_batches`` (rows "declared") there must be no
+size gather, only the features and the targets.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import sys
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,11 +35,30 @@ def batch_sizes(world: int, uneven: bool) -> list[int]:
 
 
 def cases(world: int):
-    for i, (n, kind, eps, chunk, uneven) in enumerate(
-        itertools.product(CLASS_COUNTS, ("hard", "cutmix"), (0.0, 0.1), (None, 2), (False, True))
+    """rows: "equal" (sizes gathered anyway), "declared" (equal, and the caller says so:
+    ``equal_batches=True``), "uneven"."""
+    for i, (n, kind, eps, chunk, rows) in enumerate(
+        itertools.product(CLASS_COUNTS, ("hard", "cutmix"), (0.0, 0.1), (None, 2), ("equal", "declared", "uneven"))
     ):
-        yield dict(idx=i, n=n, kind=kind, eps=eps, chunk=chunk, sizes=batch_sizes(world, uneven),
-                   bias=bool(uneven and chunk))
+        yield dict(idx=i, n=n, kind=kind, eps=eps, chunk=chunk, sizes=batch_sizes(world, rows == "uneven"),
+                   bias=bool(rows == "uneven" and chunk), equal_batches=rows == "declared")
+
+
+@contextmanager
+def counting_all_gathers():
+    """Counts ``torch.distributed.all_gather`` calls (sharded_fc calls it through the module)."""
+    count = [0]
+    original = dist.all_gather
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return original(*args, **kwargs)
+
+    dist.all_gather = counted
+    try:
+        yield count
+    finally:
+        dist.all_gather = original
 
 
 def global_batch(case: dict):
@@ -76,17 +98,19 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     x_loc = x[rows].clone().requires_grad_(True)
     w_loc = w[cls].clone().requires_grad_(True)
     b_loc = bias[cls].clone().requires_grad_(True) if bias is not None else None
-    loss = sharded_soft_cross_entropy(x_loc, w_loc, start, case["n"], a[rows], b[rows], lam[rows],
-                                      smoothing=case["eps"], chunk_size=case["chunk"], bias_shard=b_loc)
-    loss.backward()
+    with counting_all_gathers() as gathers:
+        loss = sharded_soft_cross_entropy(x_loc, w_loc, start, case["n"], a[rows], b[rows], lam[rows],
+                                          smoothing=case["eps"], chunk_size=case["chunk"], bias_shard=b_loc,
+                                          equal_batches=case["equal_batches"])
+        loss.backward()
     out = {"loss": err(loss.detach(), ref[0]), "features": err(x_loc.grad, ref[1][rows]),
            "weight": err(w_loc.grad, ref[2][cls])}
     if bias is not None:
         out["bias"] = err(b_loc.grad, ref[3][cls])
-    return out
+    return out, gathers[0]
 
 
-def module_case(rank: int, world: int) -> dict:
+def module_case(rank: int, world: int, equal_batches: bool) -> dict:
     """ShardedLinear end to end: P-independent init via full_weight, and its loss."""
     n, seed = 1001, 5
     mod = ShardedLinear(n, D, rank=rank, world_size=world, seed=seed)
@@ -97,21 +121,22 @@ def module_case(rank: int, world: int) -> dict:
     a, b = torch.randint(0, n, (4 * world,), generator=g), torch.randint(0, n, (4 * world,), generator=g)
     lam = torch.rand(4 * world, generator=g)
     rows = slice(4 * rank, 4 * rank + 4)
-    loss = mod.loss(x[rows], a[rows], b[rows], lam[rows], smoothing=0.1, chunk_size=3)
+    loss = mod.loss(x[rows], a[rows], b[rows], lam[rows], smoothing=0.1, chunk_size=3, equal_batches=equal_batches)
     loss.backward()
     ref = dense_reference(x, single, None, a, b, lam, 0.1)
     return {"full_weight": err(full, single.double()), "loss": err(loss.detach(), ref[0]),
             "weight": err(mod.weight.grad, ref[2][mod.shard_start : mod.shard_start + mod.n_local])}
 
 
-def bad_target_case(rank: int, world: int) -> str:
+def bad_target_case(rank: int, world: int, equal_batches: bool) -> str:
     """The last rank passes target N: every rank must raise the same ValueError (none may be left
     waiting in a collective) and the group must stay usable. Returns each rank's message."""
     n = 10
     start, n_local = shard_range(n, rank, world)
     a = torch.tensor([1, n if rank == world - 1 else 2])
     try:
-        sharded_soft_cross_entropy(torch.randn(2, D), torch.randn(n_local, D), start, n, a, a, torch.ones(2))
+        sharded_soft_cross_entropy(torch.randn(2, D), torch.randn(n_local, D), start, n, a, a, torch.ones(2),
+                                   equal_batches=equal_batches)
     except ValueError as e:
         return str(e)
     return "no error"
@@ -122,10 +147,14 @@ def main(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     try:
-        results = {f"case{c['idx']}": {"case": dict(c), "err": run_case(c, rank, world)}
-                   for c in cases(world)}
-        results["module"] = {"case": {"n": 1001}, "err": module_case(rank, world)}
-        results["bad_target"] = bad_target_case(rank, world)
+        results = {}
+        for c in cases(world):
+            errors, gathers = run_case(c, rank, world)
+            results[f"case{c['idx']}"] = {"case": dict(c), "err": errors, "all_gathers": gathers}
+        results["module"] = {"case": {"n": 1001}, "err": module_case(rank, world, False)}
+        results["module_declared"] = {"case": {"n": 1001}, "err": module_case(rank, world, True)}
+        results["bad_target"] = bad_target_case(rank, world, False)
+        results["bad_target_declared"] = bad_target_case(rank, world, True)
         Path(out_dir, f"rank_{rank}.json").write_text(json.dumps(results, indent=1))
         dist.barrier()
     finally:

@@ -30,7 +30,8 @@ def splitmask_method():
     torch.manual_seed(0)
     cfg = from_dict(MethodConfig, {"name": "splitmask", "vocab_size": 32, "mask_min_block": 4})
     ctx = MethodContext(model=ModelConfig(name="vit_pico_patch4_28", img_size=28, in_chans=1),
-                        num_samples=100, num_classes=10, in_chans=1)
+                        num_samples=100, num_classes=10, in_chans=1,
+                        equal_rank_batches=True)  # 4 + 4 images, as the engine's loader guarantees
     return build_method(cfg, ctx)
 
 

@@ -6,7 +6,8 @@ mean: negatives / keys gathered across ranks (SimCLR, SupCon, MoCo v3) with grad
 back to the producing rank, a MoCo v2 queue that receives the keys of BOTH ranks, a DINO center
 averaged over ranks, and teacher updates through the DDP wrapper (and FSDP2's DTensor shards,
 for DINO) that leave every rank's state identical. The losses alone are also checked on an
-uneven 3 + 5 split. Processes are spawned once for the whole file.
+uneven 3 + 5 split, and on 4 + 4 declared equal (``equal_batches``: no rank-offset gather).
+Processes are spawned once for the whole file.
 """
 from __future__ import annotations
 
@@ -125,3 +126,26 @@ def test_losses_with_uneven_shards_equal_single_process(ranks, name):
             continue
         torch.testing.assert_close(torch.cat([g[key] for g in got]), ref, rtol=1e-4, atol=1e-6)
 
+
+
+@pytest.mark.parametrize("name", ["nt_xent", "supcon", "global_info_nce"])
+def test_losses_with_declared_equal_batches_skip_the_offset_gather(ranks, name):
+    """4 + 4 rows with ``equal_batches``: the same sums and gradients as one process, and two
+    all_gathers fewer than with the sizes gathered (rank_offset's: the sizes' sizes, the sizes)."""
+    x, y = W.loss_inputs()
+    x.requires_grad_(True)
+    y.requires_grad_(True)
+    total = W.loss_sums()[name](x, y, slice(None))
+    total.backward()
+    assert all("error" not in ranks[r]["equal"] for r in range(W.WORLD)), ranks[0]["equal"]
+    for mode in ("gathered", "declared"):
+        got = [ranks[r]["equal"][mode][name] for r in range(W.WORLD)]
+        assert sum(g["sum"] for g in got) == pytest.approx(total.item(), rel=1e-5), mode
+        for key, ref in (("grad_x", x.grad), ("grad_y", y.grad)):
+            if ref is None:  # keys of MoCo v3 carry no gradient
+                assert all(g[key] is None for g in got)
+                continue
+            torch.testing.assert_close(torch.cat([g[key] for g in got]), ref, rtol=1e-4, atol=1e-6)
+    for r in range(W.WORLD):
+        gathered, declared = (ranks[r]["equal"][mode][name]["all_gathers"] for mode in ("gathered", "declared"))
+        assert declared == gathered - 2, (gathered, declared)

@@ -6,7 +6,8 @@ full W does not depend on the world size), CutMixes its half of the batch with i
 (seed, rank, step) draw, and takes one AdamW step. The single-process reference mixes each half
 with that rank's draw, concatenates the halves and steps on the whole batch. Loss, backbone
 gradients and parameters after the step, and the gathered W must agree. N = 37 is odd, so the
-shards are uneven (19 + 18); the second scenario also gives the ranks uneven batches.
+shards are uneven (19 + 18); the second scenario also gives the ranks uneven batches. The even
+one tells the method so (``equal_rank_batches``, as the engine does): no size gather.
 """
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ SCENARIOS = {"even": (5, 5), "uneven": (6, 3)}  # images per rank
 CFG = dict(global_size=16, local_size=8, local_crops=2, seed=11, logit_chunk=7, classifier_bias=True)
 
 
-def build(world_size: int, rank: int):
+def build(world_size: int, rank: int, equal_rank_batches: bool = False):
     ctx = MethodContext(model=ModelConfig(name="vit_pico_patch4_28", img_size=16, in_chans=1, dynamic_img_size=True),
-                        num_samples=N, num_classes=10, in_chans=1, world_size=world_size, rank=rank)
+                        num_samples=N, num_classes=10, in_chans=1, world_size=world_size, rank=rank,
+                        equal_rank_batches=equal_rank_batches)
     torch.manual_seed(0)  # identical backbone init everywhere
     return build_method(IDMMConfig(**CFG), ctx)
 
@@ -70,7 +72,7 @@ def _worker(rank: int, init_file: str, out_file: str) -> None:
                             timeout=datetime.timedelta(seconds=60))
     results = {}
     for name, sizes in SCENARIOS.items():
-        method = build(WORLD, rank)
+        method = build(WORLD, rank, equal_rank_batches=name == "even")  # as the engine says for its batches
         method.student = DDP(method.student)
         opt, local_opt = optimizers(method)
         out = method(split(global_batch(sizes), sizes, rank), STEP)

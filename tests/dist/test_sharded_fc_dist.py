@@ -6,6 +6,8 @@ local-mean smoothing would fail here), chunk None / 2 (< global batch), equal an
 rank (at P = 3 one rank has none), with and without bias. Every rank's loss, weight-shard
 gradient and feature gradient must match the dense float64 reference within 1e-5. A target >= N
 on one rank makes every rank raise the same ValueError (no rank left waiting in a collective).
+Equal rows declared by the caller (``equal_batches``, what training batches use) must give the
+same results without the size all-gather (2 all_gathers per loss, not 3), the range check too.
 """
 
 from __future__ import annotations
@@ -45,11 +47,16 @@ def _spawn(world: int, tmp_path: Path) -> list[dict]:
 def test_sharded_loss_and_grads_equal_dense(world, tmp_path):
     per_rank = _spawn(world, tmp_path)
     # a target >= N on the last rank: every rank raised the same one-line error (none hung)
-    assert {r.pop("bad_target") for r in per_rank} == {
-        f"sharded_soft_cross_entropy: a target on rank(s) [{world - 1}] is outside [0, 10): instance/class "
-        f"ids must index the N = 10 classes (check the shards against their manifest)"}
+    for key in ("bad_target", "bad_target_declared"):
+        assert {r.pop(key) for r in per_rank} == {
+            f"sharded_soft_cross_entropy: a target on rank(s) [{world - 1}] is outside [0, 10): instance/class "
+            f"ids must index the N = 10 classes (check the shards against their manifest)"}, key
     n_cases = sum(1 for _ in worker.cases(world))
-    assert all(len(r) == n_cases + 1 for r in per_rank)  # + the ShardedLinear module case
+    assert all(len(r) == n_cases + 2 for r in per_rank)  # + the ShardedLinear module cases
+    # size gather + features + targets; declared equal rows: no size gather
+    gathers = {(res["case"]["equal_batches"], res["all_gathers"])
+               for results in per_rank for res in results.values() if "all_gathers" in res}
+    assert gathers == {(False, 3), (True, 2)}, gathers
     bad = [(rank, name, res["case"], what, e)
            for rank, results in enumerate(per_rank) for name, res in results.items()
            for what, e in res["err"].items() if not e <= TOL]
