@@ -15,8 +15,9 @@ concatenated in rank order (M = sum of every rank's N); [K, D] a queue of K keys
 
 Data parallelism: every function returns the MEAN over this rank's anchors. With equal N on
 every rank (the train loader guarantees it), the engine's gradient averaging over ranks then
-gives exactly the gradient of the single-process loss on the concatenated batch. Collectives
-go through ``dist_ssl.parallel.collectives``; without a process group they are the identity.
+gives exactly the gradient of the single-process loss on the concatenated batch; a caller that
+knows the N are equal says so (``equal_batches``) and :func:`rank_offset` then needs no collective.
+Collectives go through ``dist_ssl.parallel.collectives``; without a process group they are the identity.
 All similarities are computed in float32 (inputs may be bf16/fp16).
 """
 from __future__ import annotations
