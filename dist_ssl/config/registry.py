@@ -17,7 +17,7 @@ import dataclasses
 import importlib
 from typing import Any, Callable, TypeVar
 
-from dist_ssl.config.errors import ConfigError
+from dist_ssl.config.errors import ConfigError, nearest_key
 
 T = TypeVar("T")
 
@@ -89,8 +89,6 @@ def resolve_variant(cls: type, data: dict, path: str) -> type:
         return cls
     name = data.get("name", _default_name(cls))
     if name not in registered:
-        from dist_ssl.config.schema import nearest_key
-
         known = ", ".join(sorted(registered)) or "none registered"
         raise ConfigError(f"{path}.name" if path else "name",
                           f"unknown {cls.__name__} {name!r}; known: {known}"
