@@ -21,20 +21,19 @@ This module also holds the momentum-teacher helpers that MoCo v3 and DINO reuse.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_ssl.config.schema import doc
 from dist_ssl.data.views import CropGroup, ViewSpec
 from dist_ssl.engine.ema import ema_update_
+from dist_ssl.methods.configs.moco_v2 import MoCoV2Config
 from dist_ssl.parallel.full_params import full_parameters
 from dist_ssl.heads.projection import MultiCropWrapper, ProjectionMLP
 from dist_ssl.losses.info_nce import queue_info_nce
-from dist_ssl.methods.base import Method, MethodConfig, MethodContext
+from dist_ssl.methods.base import Method, MethodContext
 from dist_ssl.methods.registry import register_method
 from dist_ssl.models.export import unwrap_model
 from dist_ssl.models.factory import create_backbone, feature_dim
@@ -96,26 +95,6 @@ def teacher_forward(teacher: nn.Module, views: Sequence[torch.Tensor]) -> torch.
 
 
 # ----------------------------------------------------------------- MoCo v2
-@dataclass
-class MoCoV2Config(MethodConfig):
-    name: str = doc("mocov2", "training method")
-    temperature: float = doc(0.2, "InfoNCE temperature (MoCo v2 / IDMM Table 10: 0.2)")
-    queue_size: int = doc(2048, "K negative keys in the queue (IDMM Table 10: 2048; MoCo v2: 65536)")
-    momentum: float = doc(0.999, "momentum of the key encoder update")
-    proj_hidden_dim: int = doc(2048, "hidden width of the 2-layer MLP head")
-    proj_dim: int = doc(128, "output dimension P of the MLP head")
-    crop_size: Optional[int] = doc(None, "crop size; None = model.img_size")
-    crop_scale: tuple[float, float] = doc((0.2, 1.0), "RandomResizedCrop area range (MoCo v2: 0.2-1)", interval=(0.0, 1.0))
-
-    def validate(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
-        if self.queue_size < 1:
-            raise ValueError(f"queue_size: must be >= 1, got {self.queue_size}")
-        if not 0.0 <= self.momentum <= 1.0:
-            raise ValueError(f"momentum: must be in [0, 1], got {self.momentum}")
-
-
 @register_method("mocov2")
 class MoCoV2(Method):
     config_class = MoCoV2Config

@@ -12,7 +12,7 @@ from dist_ssl.data.masking import mask_to_ids
 from dist_ssl.heads.mim_decoder import MIMDecoder, encode_visible
 from dist_ssl.losses.mim import masked_pixel_loss, masked_token_loss, pixel_targets
 from dist_ssl.methods import MethodConfig, MethodContext, build_method
-from dist_ssl.models.factory import ModelConfig
+from dist_ssl.models.config import ModelConfig
 
 TINY = {"beit": {"vocab_size": 64, "mask_min_block": 4},
         "splitmask": {"vocab_size": 64, "mask_min_block": 4},
