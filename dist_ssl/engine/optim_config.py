@@ -15,7 +15,8 @@ __all__ = ["OptimConfig"]
 class OptimConfig:
     """Optimizer + warmup/cosine schedule settings. The absolute lr is derived, never hand-written."""
 
-    name: Literal["adamw", "sgd"] = doc("adamw", "optimizer: adamw | sgd (momentum; weight decay as L2 on the gradient)")
+    name: Literal["adamw", "sgd"] = doc("adamw",
+                                        "optimizer: adamw | sgd (momentum; weight decay as L2 on the gradient)")
     base_lr: float = doc(5e-4, "lr per 256 images; scaled by global batch / 256")
     lr: Optional[float] = doc(None, "absolute lr; overrides base_lr scaling")
     min_lr: float = doc(1e-6, "absolute lr at the end of the cosine decay")

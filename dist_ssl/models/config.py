@@ -18,14 +18,16 @@ __all__ = ["ModelConfig"]
 class ModelConfig:
     """Which backbone to build and how (read by the run config as ``model.*``)."""
 
-    name: str = doc("vit_nano_patch4_28", "backbone: an alias (deit_tiny, swin_tiny, vit_nano, ...) or any timm model name")
+    name: str = doc("vit_nano_patch4_28",
+                    "backbone: an alias (deit_tiny, swin_tiny, vit_nano, ...) or any timm model name")
     img_size: Optional[int] = doc(None, "input resolution for fixed-size models (ViT/Swin); None = the model default")
     patch_size: Optional[int] = doc(None, "patch size override for ViT/Swin; None = the model default")
     in_chans: int = doc(3, "number of input image channels")
     drop_path: float = doc(0.0, "stochastic depth rate (last block)")
     num_classes: int = doc(0, "classifier outputs; 0 = headless backbone returning pooled [B, D]")
     global_pool: Optional[str] = doc(None, "timm global_pool ('token', 'avg', ...); None = the model default")
-    dynamic_img_size: bool = doc(False, "ViT only: accept any input size, resampling pos_embed per forward (multi-crop)")
+    dynamic_img_size: bool = doc(False,
+                                 "ViT only: accept any input size, resampling pos_embed per forward (multi-crop)")
     extra: dict[str, Any] = doc({}, "extra keyword arguments passed to timm.create_model")
 
     def validate(self) -> None:

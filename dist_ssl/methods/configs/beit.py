@@ -1,4 +1,4 @@
-"""``MIMConfig``: the ``method.*`` keys of BEiT (``MIMConfig``, shared with SplitMask) (methods/beit.py).
+"""``MIMConfig``: the ``method.*`` keys of BEiT (methods/beit.py), shared by SplitMask's config.
 
 Torch-free: a recipe is loaded and validated with this module, without importing the method.
 """

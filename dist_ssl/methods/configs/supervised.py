@@ -1,4 +1,5 @@
-"""``SupervisedConfig``: the ``method.*`` keys of supervised training / fine-tuning (methods/supervised.py).
+"""``SupervisedConfig``: the ``method.*`` keys of supervised training and fine-tuning
+(methods/supervised.py).
 
 Torch-free: a recipe is loaded and validated with this module, without importing the method.
 """
