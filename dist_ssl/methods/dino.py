@@ -37,7 +37,7 @@ from dist_ssl.methods.registry import register_method
 from dist_ssl.models.export import unwrap_model
 from dist_ssl.models.factory import feature_dim
 
-__all__ = ["DINO", "DINOConfig"]
+__all__ = ["DINO"]
 
 
 @register_method("dino")

@@ -39,7 +39,7 @@ from dist_ssl.models.export import unwrap_model
 from dist_ssl.models.factory import create_backbone, feature_dim
 from dist_ssl.parallel.collectives import all_gather_cat
 
-__all__ = ["MoCoV2", "MoCoV2Config", "build_ssl_backbone", "momentum_teacher", "momentum_update_",
+__all__ = ["MoCoV2", "build_ssl_backbone", "momentum_teacher", "momentum_update_",
            "teacher_forward"]
 
 

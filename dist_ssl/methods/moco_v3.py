@@ -31,7 +31,7 @@ from dist_ssl.methods.registry import register_method
 from dist_ssl.models.export import unwrap_model
 from dist_ssl.models.factory import feature_dim
 
-__all__ = ["MoCoV3", "MoCoV3Config"]
+__all__ = ["MoCoV3"]
 
 
 @register_method("mocov3")

@@ -31,7 +31,7 @@ from dist_ssl.methods.registry import register_method
 from dist_ssl.models.export import unwrap_model
 from dist_ssl.models.factory import feature_dim
 
-__all__ = ["SimCLR", "SimCLRConfig"]
+__all__ = ["SimCLR"]
 
 
 def two_view_encoder(ctx: MethodContext, cfg: SimCLRConfig) -> MultiCropWrapper:

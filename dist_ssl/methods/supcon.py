@@ -16,7 +16,7 @@ from dist_ssl.methods.configs.supcon import SupConConfig
 from dist_ssl.methods.registry import register_method
 from dist_ssl.methods.simclr import SimCLR
 
-__all__ = ["SupCon", "SupConConfig"]
+__all__ = ["SupCon"]
 
 
 @register_method("supcon")
