@@ -42,7 +42,8 @@ def main() -> None:
 
     from dist_ssl.engine.checkpoint import CheckpointManager
     from dist_ssl.engine.checkpoint_manifest import describe_files
-    from dist_ssl.parallel.accelerator import ParallelConfig, build_accelerator, prepare_model_and_optimizer
+    from dist_ssl.parallel.accelerator import build_accelerator, prepare_model_and_optimizer
+    from dist_ssl.parallel.config import ParallelConfig
 
     torch.set_num_threads(1)
     acc = build_accelerator(ParallelConfig())

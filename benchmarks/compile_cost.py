@@ -17,7 +17,7 @@ import time
 import timm
 import torch
 
-import dist_ssl.models  # noqa: F401  (registers the small ViTs with timm)
+import dist_ssl.models.factory  # noqa: F401  (registers the small ViTs with timm)
 
 
 def _children_cpu() -> float:

@@ -47,10 +47,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import dist_ssl.models  # noqa: F401  (registers the small ViTs with timm)
+import dist_ssl.models.factory  # noqa: F401  (registers the small ViTs with timm)
 from dist_ssl.methods import MethodContext, build_method
-from dist_ssl.methods.idmm import IDMMConfig
-from dist_ssl.models.factory import ModelConfig
+from dist_ssl.methods.configs.idmm import IDMMConfig
+from dist_ssl.models.config import ModelConfig
 from dist_ssl.parallel.compile import compile_student
 from dist_ssl.parallel.sharded_fc import sharded_soft_cross_entropy
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 import timm  # noqa: E402
 
-import dist_ssl.models  # noqa: E402,F401  (registers t2t_vit_* and cvt_* with timm)
+import dist_ssl.models.factory  # noqa: E402,F401  (registers t2t_vit_* and cvt_* with timm)
 
 # name -> (create_model kwargs, paper params M, paper GMACs, source)
 PAPER = {

@@ -1,4 +1,9 @@
-"""The one error type of the config system: it always names the full key path."""
+"""The one error type of the config system: it always names the full key path, and for a
+likely typo the nearest valid key (``nearest_key``)."""
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
 
 
 class ConfigError(ValueError):
@@ -8,3 +13,9 @@ class ConfigError(ValueError):
         self.key = key
         self.message = message
         super().__init__(f"{key}: {message}" if key else message)
+
+
+def nearest_key(key: str, valid: Iterable[str]) -> str:
+    """' (did you mean "x"?)' for a likely typo, else ''."""
+    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    return f' (did you mean "{match[0]}"?)' if match else ""

@@ -9,7 +9,9 @@ Two kinds of registration:
   on its own ``IDMMConfig(MethodConfig)``; a recipe then says ``method: {name: idmm, ...}``.
 
 Modules that register sections are imported lazily by name (see ``BUILTIN_SECTION_MODULES``)
-so that ``dist_ssl.config`` imports nothing above it.
+so that ``dist_ssl.config`` imports nothing above it. They hold only config dataclasses, next to
+the code they configure, and import neither torch nor timm nor accelerate: loading, printing or
+submitting a run config stays a fraction of a second (tests/unit/test_config_imports.py).
 """
 from __future__ import annotations
 
@@ -17,22 +19,22 @@ import dataclasses
 import importlib
 from typing import Any, Callable, TypeVar
 
-from dist_ssl.config.errors import ConfigError
+from dist_ssl.config.errors import ConfigError, nearest_key
 
 T = TypeVar("T")
 
 _SECTIONS: dict[str, type] = {}
 _VARIANTS: dict[type, dict[str, type]] = {}
 
-# Modules whose import registers the built-in sections and variants. A module missing here
-# is simply not registered yet (later issues add theirs).
+# Modules whose import registers the built-in sections and variants (each one torch-free). A
+# module missing here is simply not registered yet (later issues add theirs).
 BUILTIN_SECTION_MODULES = (
     "dist_ssl.config.sections",
-    "dist_ssl.models.factory",
-    "dist_ssl.engine.optim",
-    "dist_ssl.engine.metrics",
-    "dist_ssl.parallel.accelerator",
-    "dist_ssl.methods",
+    "dist_ssl.models.config",
+    "dist_ssl.engine.optim_config",
+    "dist_ssl.engine.metrics.config",
+    "dist_ssl.parallel.config",
+    "dist_ssl.methods.configs",
 )
 
 
@@ -89,8 +91,6 @@ def resolve_variant(cls: type, data: dict, path: str) -> type:
         return cls
     name = data.get("name", _default_name(cls))
     if name not in registered:
-        from dist_ssl.config.schema import nearest_key
-
         known = ", ".join(sorted(registered)) or "none registered"
         raise ConfigError(f"{path}.name" if path else "name",
                           f"unknown {cls.__name__} {name!r}; known: {known}"

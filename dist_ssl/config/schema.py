@@ -1,10 +1,11 @@
 """Typed dataclass configs: build them from plain dicts with full-key-path errors, and back.
 
-Convention for every config dataclass in the project::
+Convention for every config dataclass in the project (each field documented by ``doc()``, the one
+way to give a field its one-line help)::
 
     @dataclass
     class OptimConfig:
-        base_lr: float = field(default=5e-4, metadata={"help": "lr per 256 images"})
+        base_lr: float = doc(5e-4, "lr per 256 images; scaled by global batch / 256")
 
         def validate(self) -> None:          # optional
             if self.base_lr <= 0:
@@ -20,13 +21,13 @@ registry.py) whose concrete class is chosen by their ``name`` key. A float is al
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import types
 import typing
 from typing import Any, Literal, Union
 
-from dist_ssl.config.errors import ConfigError
+from dist_ssl.config.errors import ConfigError, nearest_key
+from dist_ssl.config.registry import resolve_variant
 
 
 def doc(default: Any = dataclasses.MISSING, help: str = "", *,
@@ -52,12 +53,6 @@ def field_help(cls: type, name: str) -> str:
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
-
-
-def nearest_key(key: str, valid: typing.Iterable[str]) -> str:
-    """' (did you mean "x"?)' for a likely typo, else ''."""
-    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
-    return f' (did you mean "{match[0]}"?)' if match else ""
 
 
 def _type_name(tp: Any) -> str:
@@ -147,8 +142,6 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
 
 
 def _build(cls: type, data: dict, path: str) -> Any:
-    from dist_ssl.config.registry import resolve_variant
-
     cls = resolve_variant(cls, data, path)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}

@@ -1,4 +1,4 @@
-"""Optimizer construction: config, absolute lr, parameter groups, layer-wise lr decay.
+"""Optimizer construction: absolute lr, parameter groups, layer-wise lr decay.
 
 Optimizers (``optim.name``): AdamW (decoupled weight decay; the ViT default) and SGD with
 momentum (weight decay as an L2 term added to the gradient, ``torch.optim.SGD``; the IDMM
@@ -24,13 +24,12 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
-from dataclasses import dataclass, field
-from typing import Iterable, Literal, Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
-from dist_ssl.config.registry import register_section
+from dist_ssl.engine.optim_config import OptimConfig
 
 logger = logging.getLogger(__name__)
 
@@ -43,67 +42,6 @@ DEFAULT_NO_DECAY_NAMES: tuple[str, ...] = (
 _STEM_NAMES = DEFAULT_NO_DECAY_NAMES[:6] + ("patch_embed", "norm_pre")
 _BLOCK_RE = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 _STEM_RE = re.compile(r"(?:^|\.)(?:" + "|".join(_STEM_NAMES) + r")(?:\.|$)")
-
-
-@dataclass
-class OptimConfig:
-    """Optimizer + warmup/cosine schedule settings. The absolute lr is derived, never hand-written."""
-
-    name: Literal["adamw", "sgd"] = field(
-        default="adamw", metadata={"help": "optimizer: adamw | sgd (momentum; weight decay as L2 on the gradient)"})
-    base_lr: float = field(default=5e-4, metadata={"help": "lr per 256 images; scaled by global batch / 256"})
-    lr: Optional[float] = field(default=None, metadata={"help": "absolute lr; overrides base_lr scaling"})
-    min_lr: float = field(default=1e-6, metadata={"help": "absolute lr at the end of the cosine decay"})
-    weight_decay: float = field(default=0.05, metadata={"help": "weight decay of >1-d weights (AdamW: decoupled; SGD: L2)"})
-    weight_decay_end: Optional[float] = field(
-        default=None, metadata={"help": "cosine from weight_decay (step 0) to this (last step), DINO: 0.04 -> 0.4; "
-                                        "None = constant"})
-    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW (beta1, beta2)"})
-    eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum (SimCLR / MoCo v2: 0.9)"})
-    nesterov: bool = field(default=False, metadata={"help": "SGD Nesterov momentum"})
-    layer_decay: Optional[float] = field(
-        default=None, metadata={"help": "layer-wise lr decay for fine-tuning (e.g. 0.65); None = off"})
-    clip_grad: Optional[float] = field(default=None, metadata={"help": "max global grad norm; None = no clipping"})
-    warmup_epochs: Optional[float] = field(
-        default=None, metadata={"help": "linear lr warmup length in epochs (set this or warmup_steps)"})
-    warmup_steps: Optional[int] = field(
-        default=None, metadata={"help": "linear lr warmup length in optimizer steps (set this or warmup_epochs)"})
-    start_warmup_lr: float = field(default=0.0, metadata={"help": "absolute lr at step 0 of the warmup"})
-    schedule: Literal["cosine", "constant"] = field(
-        default="cosine", metadata={"help": "lr shape after warmup: cosine | constant"})
-    extra_no_decay: tuple[str, ...] = field(
-        default=(), metadata={"help": "extra glob patterns of parameter names without weight decay"})
-
-    def validate(self) -> None:
-        if self.name not in ("adamw", "sgd"):
-            raise ValueError(f"name: must be 'adamw' or 'sgd', got {self.name!r}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"momentum: must be in [0, 1), got {self.momentum}")
-        if self.nesterov and self.momentum <= 0:
-            raise ValueError("nesterov: needs momentum > 0")
-        if self.base_lr <= 0:
-            raise ValueError(f"base_lr: must be > 0, got {self.base_lr}")
-        if self.lr is not None and self.lr <= 0:
-            raise ValueError(f"lr: must be > 0 or null, got {self.lr}")
-        if self.min_lr < 0:
-            raise ValueError(f"min_lr: must be >= 0, got {self.min_lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay}")
-        if self.weight_decay_end is not None and self.weight_decay_end < 0:
-            raise ValueError(f"weight_decay_end: must be >= 0 or null, got {self.weight_decay_end}")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas: need two values in [0, 1), got {self.betas}")
-        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
-            raise ValueError(f"layer_decay: must be in (0, 1], got {self.layer_decay}")
-        if self.clip_grad is not None and self.clip_grad <= 0:
-            raise ValueError(f"clip_grad: must be > 0 or null, got {self.clip_grad}")
-        if self.warmup_epochs is not None and self.warmup_steps is not None:
-            raise ValueError("warmup_steps: set either warmup_epochs or warmup_steps, not both")
-        if (self.warmup_epochs or 0) < 0 or (self.warmup_steps or 0) < 0:
-            raise ValueError("warmup_steps: warmup length must be >= 0")
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule: must be 'cosine' or 'constant', got {self.schedule!r}")
 
 
 def absolute_lr(cfg: OptimConfig, global_batch: int) -> float:
@@ -221,5 +159,3 @@ def build_optimizer(cfg: OptimConfig, groups: list[dict], lr: float) -> torch.op
                 f", momentum {cfg.momentum}, nesterov {cfg.nesterov}" if cfg.name == "sgd" else "")
     return opt
 
-
-register_section("optim", OptimConfig)

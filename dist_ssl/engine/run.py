@@ -86,6 +86,12 @@ def _leave(code: int) -> int:
     return code
 
 
+def _bad_input(exc: BaseException) -> int:
+    """A bad config / data / checkpoint: one line on stderr, no traceback."""
+    print(f"train.py: error: {exc}", file=sys.stderr)
+    return _leave(EXIT_BAD_INPUT)
+
+
 def _is_peer_failure(exc: BaseException) -> bool:
     """A collective that failed because another rank left (its error is the one to read)."""
     import torch.distributed as dist
@@ -100,23 +106,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
     from dist_ssl.config import ConfigError, config_to_yaml, load_config
+
+    if args.print_config:  # before the trainer's imports: a config is loaded and printed without torch
+        try:
+            print(config_to_yaml(load_config(args.recipe, args.overrides)), end="")
+        except (ConfigError, FileNotFoundError) as exc:
+            return _bad_input(exc)
+        return 0
+
     from dist_ssl.data.errors import DataError
     from dist_ssl.data.manifest import ManifestError
     from dist_ssl.engine.checkpoint import CheckpointError
 
     try:
         cfg = load_config(args.recipe, args.overrides)
-        if args.print_config:
-            print(config_to_yaml(cfg), end="")
-            return 0
         if cfg.metrics.verbose:
             set_library_verbosity(True)
         from dist_ssl.engine.trainer import Trainer
 
         return Trainer(cfg).fit()  # its success paths end the process group themselves
     except (ConfigError, DataError, ManifestError, CheckpointError, FileNotFoundError) as exc:
-        print(f"train.py: error: {exc}", file=sys.stderr)
-        return _leave(EXIT_BAD_INPUT)
+        return _bad_input(exc)
     except BaseException as exc:  # noqa: BLE001 - in multi-process runs: report once, leave at once
         if _world_size() == 1 or isinstance(exc, SystemExit):
             raise

@@ -1,7 +1,7 @@
 """The one interface every pretext / training method implements.
 
-A method is an ``nn.Module`` with its own typed config (a registered ``MethodConfig`` variant).
-The engine knows nothing else about it:
+A method is an ``nn.Module`` with its own typed config (a registered ``MethodConfig`` variant,
+in ``methods/configs/``). The engine knows nothing else about it:
 
 * ``student``: the module the optimizer trains under data parallelism. The engine wraps it
   (DDP / FSDP2 / DeepSpeed ZeRO) and assigns the wrapper back to ``method.student``, so the
@@ -23,14 +23,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
-from dist_ssl.config.schema import doc
-
-
-@dataclass
-class MethodConfig:
-    """Variant base: recipes say ``method: {name: <registered name>, ...}``."""
-
-    name: str = doc("supervised", "training method (registered name, see dist_ssl.methods)")
+from dist_ssl.methods.configs.base import MethodConfig
 
 
 @dataclass

@@ -22,7 +22,8 @@ from torch import nn
 from dist_ssl.data.views import ViewSpec
 from dist_ssl.losses.mim import masked_token_loss
 from dist_ssl.methods.base import Method, MethodContext
-from dist_ssl.methods.mim_common import MIMConfig, mim_backbone, mim_masks, mim_tokenizer, mim_views
+from dist_ssl.methods.configs.beit import MIMConfig
+from dist_ssl.methods.mim_common import mim_backbone, mim_masks, mim_tokenizer, mim_views
 from dist_ssl.methods.registry import register_method
 from dist_ssl.models.export import unwrap_model
 from dist_ssl.models.vit_tokens import vit_embed, vit_encode, vit_grid

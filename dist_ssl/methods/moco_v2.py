@@ -18,46 +18,25 @@ old queue (MoCo enqueues at the end of each forward; identical without gradient 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_ssl.config.schema import doc
 from dist_ssl.data.views import CropGroup, ViewSpec
 from dist_ssl.heads.projection import MultiCropWrapper, ProjectionMLP
 from dist_ssl.losses.info_nce import queue_info_nce
-from dist_ssl.methods.base import Method, MethodConfig, MethodContext
+from dist_ssl.methods.base import Method, MethodContext
 from dist_ssl.methods.momentum import momentum_teacher, momentum_update_, teacher_forward
 from dist_ssl.methods.registry import register_method
 from dist_ssl.methods.ssl_backbone import build_ssl_backbone
 from dist_ssl.models.export import unwrap_model
 from dist_ssl.models.factory import feature_dim
 from dist_ssl.parallel.collectives import all_gather_cat
+from dist_ssl.methods.configs.moco_v2 import MoCoV2Config
 
-__all__ = ["MoCoV2", "MoCoV2Config"]
-
-
-@dataclass
-class MoCoV2Config(MethodConfig):
-    name: str = doc("mocov2", "training method")
-    temperature: float = doc(0.2, "InfoNCE temperature (MoCo v2 / IDMM Table 10: 0.2)")
-    queue_size: int = doc(2048, "K negative keys in the queue (IDMM Table 10: 2048; MoCo v2: 65536)")
-    momentum: float = doc(0.999, "momentum of the key encoder update")
-    proj_hidden_dim: int = doc(2048, "hidden width of the 2-layer MLP head")
-    proj_dim: int = doc(128, "output dimension P of the MLP head")
-    crop_size: Optional[int] = doc(None, "crop size; None = model.img_size")
-    crop_scale: tuple[float, float] = doc((0.2, 1.0), "RandomResizedCrop area range (MoCo v2: 0.2-1)", interval=(0.0, 1.0))
-
-    def validate(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
-        if self.queue_size < 1:
-            raise ValueError(f"queue_size: must be >= 1, got {self.queue_size}")
-        if not 0.0 <= self.momentum <= 1.0:
-            raise ValueError(f"momentum: must be in [0, 1], got {self.momentum}")
+__all__ = ["MoCoV2"]
 
 
 @register_method("mocov2")

@@ -20,7 +20,8 @@ from typing import Any
 
 from dist_ssl.losses.info_nce import nt_xent
 from dist_ssl.methods.registry import register_method
-from dist_ssl.methods.two_view_contrastive import SimCLRConfig, TwoViewContrastive
+from dist_ssl.methods.configs.simclr import SimCLRConfig
+from dist_ssl.methods.two_view_contrastive import TwoViewContrastive
 
 __all__ = ["SimCLR"]
 

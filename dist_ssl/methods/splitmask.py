@@ -15,39 +15,22 @@ n_b = N, equal in every row); decoder hidden [B, N, D]; logits [B * n, V]; descr
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from dist_ssl.config.schema import doc
 from dist_ssl.data.masking import mask_to_ids
 from dist_ssl.data.views import ViewSpec
 from dist_ssl.heads.mim_decoder import MIMDecoder
 from dist_ssl.losses.mim import masked_token_loss
 from dist_ssl.losses.symmetric_info_nce import symmetric_info_nce
 from dist_ssl.methods.base import Method, MethodContext
-from dist_ssl.methods.mim_common import MIMConfig, mim_backbone, mim_masks, mim_tokenizer, mim_views
+from dist_ssl.methods.mim_common import mim_backbone, mim_masks, mim_tokenizer, mim_views
 from dist_ssl.methods.registry import register_method
 from dist_ssl.models.export import unwrap_model
 from dist_ssl.models.vit_tokens import gather_rows, vit_embed, vit_encode, vit_grid
-
-
-@dataclass
-class SplitMaskConfig(MIMConfig):
-    name: str = doc("splitmask", "training method")
-    mask_ratio: float = doc(0.5, "fraction of patches in subset B (A is the complement)")
-    decoder_depth: int = doc(2, "decoder transformer blocks (paper: 2)")
-    decoder_dim: Optional[int] = doc(None, "decoder width; None = the encoder width (paper)")
-    decoder_heads: Optional[int] = doc(None, "decoder attention heads; None = the encoder's")
-    tau: float = doc(0.2, "InfoNCE temperature (paper: 0.2)")
-    contrastive_weight: float = doc(1.0, "weight of the InfoNCE term next to the inpainting loss")
-
-    def validate(self) -> None:
-        super().validate()
-        if self.tau <= 0 or self.contrastive_weight < 0 or self.decoder_depth < 1:
-            raise ValueError("tau: need tau > 0, contrastive_weight >= 0 and decoder_depth >= 1")
+from dist_ssl.methods.configs.splitmask import SplitMaskConfig
 
 
 class SplitMaskStudent(nn.Module):

@@ -8,28 +8,15 @@ Shapes: views 2 x [B, C, H, W]; labels [B]; z1, z2 [B, P].
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
-from dist_ssl.config.schema import doc
 from dist_ssl.losses.supcon import supcon_loss
 from dist_ssl.methods.base import MethodContext
 from dist_ssl.methods.registry import register_method
-from dist_ssl.methods.two_view_contrastive import SimCLRConfig, TwoViewContrastive
+from dist_ssl.methods.configs.supcon import SupConConfig
+from dist_ssl.methods.two_view_contrastive import TwoViewContrastive
 
-__all__ = ["SupCon", "SupConConfig"]
-
-
-@dataclass
-class SupConConfig(SimCLRConfig):
-    name: str = doc("supcon", "training method")
-    temperature: float = doc(0.1, "SupCon temperature (IDMM compares in SimCLR's setting: 0.1)")
-    base_temperature: Optional[float] = doc(None, "T_base of the loss scale T / T_base; None = T (scale 1)")
-
-    def validate(self) -> None:
-        super().validate()
-        if self.base_temperature is not None and self.base_temperature <= 0:
-            raise ValueError(f"base_temperature: must be > 0 or null, got {self.base_temperature}")
+__all__ = ["SupCon"]
 
 
 @register_method("supcon")

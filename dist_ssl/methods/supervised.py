@@ -22,9 +22,8 @@ Shapes: x [B, C, H, W]; logits [B, K] (K = semantic classes of the training mani
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,12 +33,12 @@ from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
 from dist_ssl.config.errors import ConfigError
-from dist_ssl.config.schema import doc
 from dist_ssl.data.masking import batch_generator
 from dist_ssl.data.views import CropGroup, ViewSpec
 from dist_ssl.heads.drloc import DRLocStudent
 from dist_ssl.losses.drloc import drloc_loss
-from dist_ssl.methods.base import Method, MethodConfig, MethodContext
+from dist_ssl.methods.base import Method, MethodContext
+from dist_ssl.methods.configs.supervised import SupervisedConfig
 from dist_ssl.methods.registry import register_method
 from dist_ssl.models.export import HEAD_FILE, load_backbone_file, load_head_file, read_export_metadata
 from dist_ssl.models.factory import create_backbone
@@ -47,41 +46,6 @@ from dist_ssl.models.pos_embed import LoadReport, load_backbone_state
 
 BACKBONE_FILE = "backbone.safetensors"  # what the engine exports into every run directory
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SupervisedConfig(MethodConfig):
-    name: str = doc("supervised", "training method")
-    crop_size: Optional[int] = doc(None, "training crop size; None = model.img_size")
-    crop_scale: tuple[float, float] = doc((0.08, 1.0), "RandomResizedCrop area range", interval=(0.0, 1.0))
-    policy: Literal["deit", "supervised"] = doc("deit", "base augmentation policy")
-    randaugment: Optional[str] = doc(None, "timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1")
-    random_erasing: float = doc(0.0, "random erasing probability (DeiT: 0.25)")
-    mixup: float = doc(0.0, "mixup alpha; 0 = off (DeiT: 0.8)")
-    cutmix: float = doc(0.0, "CutMix alpha; 0 = off (DeiT: 1.0)")
-    mix_prob: float = doc(1.0, "probability of applying mixup or CutMix to a batch")
-    mix_switch_prob: float = doc(0.5, "probability of CutMix instead of mixup when both are on")
-    label_smoothing: float = doc(0.0, "label smoothing epsilon (DeiT: 0.1)")
-    init_from: Optional[str] = doc(None, "backbone.safetensors (or a run dir with one) to fine-tune from")
-    init_head: bool = doc(False, "with init_from: also load the classifier from the head.safetensors beside it "
-                                 "(same class count; a 448 px continuation of a 224 px fine-tune); False = new head")
-    drloc: bool = doc(False, "add the DRLoc auxiliary loss (Liu et al. 2021)")
-    drloc_lambda: float = doc(0.1, "DRLoc loss weight (paper: 0.1 T2T/CvT-like, 0.5 Swin)")
-    drloc_pairs: int = doc(64, "DRLoc position pairs sampled per image")
-    drloc_grid: int = doc(7, "DRLoc: final grids larger than this are average-pooled to it")
-
-    def validate(self) -> None:
-        for key in ("random_erasing", "mix_prob", "mix_switch_prob"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ValueError(f"{key}: must be in [0, 1], got {getattr(self, key)}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
-        if self.mixup < 0 or self.cutmix < 0:
-            raise ValueError("mixup: alphas must be >= 0")
-        if self.randaugment is not None and not self.randaugment.startswith("rand"):
-            raise ValueError(f"randaugment: expected a timm spec like 'rand-m9-mstd0.5', got {self.randaugment!r}")
-        if self.drloc_lambda < 0 or self.drloc_pairs < 1 or self.drloc_grid < 1:
-            raise ValueError("drloc_lambda: need drloc_lambda >= 0, drloc_pairs >= 1, drloc_grid >= 1")
 
 
 def resolve_init_path(init_from: str) -> Path:

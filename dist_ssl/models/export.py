@@ -2,7 +2,7 @@
 
 Load an export back with timm (headless by default; ``num_classes=K`` gives a fresh head)::
 
-    import dist_ssl.models  # registers the small variants; not needed for stock timm names
+    import dist_ssl.models.factory  # registers the small variants; not needed for stock timm names
     model = timm.create_model(name, **timm_pretrained_kwargs(path))
 
 ``timm_pretrained_kwargs`` gives ``pretrained=True`` and

@@ -6,121 +6,22 @@ Shapes: [B, C, H, W] images; [B, N, D] tokens (batch, tokens, dim); [B, D] poole
 Never downloads weights: every model is built with ``pretrained=False``; pre-trained
 backbones are loaded from local files with ``dist_ssl.models.pos_embed.load_backbone_state``.
 """
-# No `from __future__ import annotations` here: the run-config system reads ModelConfig's
-# field types via dataclasses.fields(), which must be real types, not strings.
-import difflib
 import logging
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import timm
 import torch
 from torch import nn
 
-from dist_ssl.config.registry import register_section
+from dist_ssl.models.config import ModelConfig
+from dist_ssl.models.names import resolve_backbone_name
 
 from . import cvt, small_vit, t2t_vit  # noqa: F401  (register the small ViTs, T2T-ViT, CvT with timm)
 from .vit_tokens import token_grid
 
-__all__ = [
-    "BACKBONE_ALIASES",
-    "ModelConfig",
-    "TokenOutput",
-    "available_backbones",
-    "classifier_names",
-    "create_backbone",
-    "feature_dim",
-    "forward_tokens",
-    "resolve_backbone_name",
-]
+__all__ = ["TokenOutput", "classifier_names", "create_backbone", "feature_dim", "forward_tokens"]
 
 logger = logging.getLogger(__name__)
-
-# Short names used in recipes -> timm architecture names. Any other timm name is accepted too.
-BACKBONE_ALIASES: dict[str, str] = {
-    "deit_tiny": "deit_tiny_patch16_224",
-    "deit_small": "deit_small_patch16_224",
-    "deit_base": "deit_base_patch16_224",
-    "vit_small": "vit_small_patch16_224",
-    "vit_base": "vit_base_patch16_224",
-    "pvt_v2_b0": "pvt_v2_b0",
-    "pvt_v2_b1": "pvt_v2_b1",
-    "pvt_v2_b2": "pvt_v2_b2",
-    "pvt_v2_b3": "pvt_v2_b3",
-    "swin_tiny": "swin_tiny_patch4_window7_224",
-    "resnet50": "resnet50",
-    "vit_pico": "vit_pico_patch4_28",
-    "vit_nano": "vit_nano_patch4_28",
-    **{name: name for name in small_vit.small_vit_names()},
-    # T2T-ViT (Yuan et al. 2021) and CvT (Wu et al. 2021): dist_ssl.models.t2t_vit / cvt
-    "t2t_vit_pico": "t2t_vit_pico_28",
-    "cvt_pico": "cvt_pico_28",
-    **{name: name for name in t2t_vit.T2T_VIT_NAMES + cvt.CVT_NAMES},
-}
-
-
-@dataclass
-class ModelConfig:
-    """Which backbone to build and how (read by the run config as ``model.*``)."""
-
-    name: str = field(
-        default="vit_nano_patch4_28",
-        metadata={"help": "backbone: an alias (deit_tiny, swin_tiny, vit_nano, ...) or any timm model name"},
-    )
-    img_size: Optional[int] = field(
-        default=None,
-        metadata={"help": "input resolution for fixed-size models (ViT/Swin); None = the model default"},
-    )
-    patch_size: Optional[int] = field(
-        default=None, metadata={"help": "patch size override for ViT/Swin; None = the model default"}
-    )
-    in_chans: int = field(default=3, metadata={"help": "number of input image channels"})
-    drop_path: float = field(default=0.0, metadata={"help": "stochastic depth rate (last block)"})
-    num_classes: int = field(
-        default=0, metadata={"help": "classifier outputs; 0 = headless backbone returning pooled [B, D]"}
-    )
-    global_pool: Optional[str] = field(
-        default=None, metadata={"help": "timm global_pool ('token', 'avg', ...); None = the model default"}
-    )
-    dynamic_img_size: bool = field(
-        default=False,
-        metadata={"help": "ViT only: accept any input size, resampling pos_embed per forward (multi-crop)"},
-    )
-    extra: dict[str, Any] = field(
-        default_factory=dict, metadata={"help": "extra keyword arguments passed to timm.create_model"}
-    )
-
-    def validate(self) -> None:
-        """Raise ``ValueError("<field>: <message>")`` on the first invalid field."""
-        resolve_backbone_name(self.name)
-        for key in ("img_size", "patch_size"):
-            value = getattr(self, key)
-            if value is not None and value <= 0:
-                raise ValueError(f"{key}: must be a positive integer or None, got {value}")
-        if self.in_chans < 1:
-            raise ValueError(f"in_chans: must be >= 1, got {self.in_chans}")
-        if not 0.0 <= self.drop_path < 1.0:
-            raise ValueError(f"drop_path: must be in [0, 1), got {self.drop_path}")
-        if self.num_classes < 0:
-            raise ValueError(f"num_classes: must be >= 0, got {self.num_classes}")
-        if "pretrained" in self.extra:
-            raise ValueError("extra: 'pretrained' is not allowed; load local files with load_backbone_state")
-
-
-def available_backbones() -> list[str]:
-    """Short names the factory knows (every timm name works as well)."""
-    return sorted(BACKBONE_ALIASES)
-
-
-def resolve_backbone_name(name: str) -> str:
-    """Alias or timm name -> timm name; ValueError naming the nearest valid names otherwise."""
-    if name in BACKBONE_ALIASES:
-        return BACKBONE_ALIASES[name]
-    if timm.is_model(name):
-        return name
-    near = difflib.get_close_matches(name, list(BACKBONE_ALIASES) + timm.list_models(), n=3)
-    hint = f"; did you mean {', '.join(near)}?" if near else ""
-    raise ValueError(f"name: unknown backbone {name!r}{hint}")
 
 
 def create_backbone(cfg: ModelConfig) -> nn.Module:
@@ -201,6 +102,3 @@ def forward_tokens(model: nn.Module, x: torch.Tensor) -> TokenOutput:
     else:
         raise ValueError(f"forward_tokens: unsupported feature shape {tuple(feats.shape)}")
     return TokenOutput(pooled, tokens, grid)
-
-
-register_section("model", ModelConfig)

@@ -32,9 +32,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Iterator, Literal
+from typing import Iterator
 
 import torch
 from accelerate import Accelerator
@@ -46,90 +45,18 @@ from accelerate.utils import (
     InitProcessGroupKwargs,
 )
 
-from dist_ssl.config.registry import register_section
 from dist_ssl.parallel.compile import compile_student
+from dist_ssl.parallel.config import ParallelConfig
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ParallelConfig",
     "build_accelerator",
     "prepare_model_and_optimizer",
     "describe",
     "launcher_backend",
     "resolve_backend",
 ]
-
-Backend = Literal["auto", "ddp", "fsdp2", "zero1", "zero2", "zero3"]
-_BACKENDS = ("auto", "ddp", "fsdp2", "zero1", "zero2", "zero3")
-_MIXED = ("no", "bf16", "fp16")
-_COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
-_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-@dataclass
-class ParallelConfig:
-    backend: Backend = field(
-        default="auto",
-        metadata={"help": "auto (the launcher's, else DDP when world size > 1) | ddp | fsdp2 | zero1 | zero2 | zero3"},
-    )
-    mixed_precision: Literal["no", "bf16", "fp16"] = field(
-        default="no", metadata={"help": "autocast / DeepSpeed precision: no | bf16 | fp16 (fp16 needs a GPU)"}
-    )
-    grad_accum_steps: int = field(default=1, metadata={"help": "micro-batches accumulated per optimizer step"})
-    fsdp_reshard_after_forward: bool = field(
-        default=True, metadata={"help": "FSDP2: free gathered params after forward (ZeRO-3 like) or keep (ZeRO-2)"}
-    )
-    fsdp_wrap_classes: str = field(
-        default="",
-        metadata={"help": "FSDP2: comma-separated class names sharded as own units (e.g. Block); empty = root only"},
-    )
-    zero_offload: bool = field(
-        default=False, metadata={"help": "DeepSpeed: offload optimizer state (and ZeRO-3 params) to CPU memory"}
-    )
-    ddp_find_unused_parameters: bool = field(
-        default=False, metadata={"help": "DDP: tolerate parameters without gradient (costs a graph walk per step)"}
-    )
-    global_batchnorm: bool = field(
-        default=True, metadata={"help": "BatchNorm statistics over all ranks' batch (SimCLR's global BN) in "
-                                        "multi-process runs; False = per process"})
-    dist_timeout_s: int = field(
-        default=1800, metadata={"help": "process-group timeout in seconds (raise for slow checkpoint writes)"}
-    )
-    compile: bool = field(
-        default=False, metadata={"help": "torch.compile the student in place, after DDP / FSDP2 / ZeRO "
-                                         "wrapping (checkpoints stay interchangeable with eager runs)"})
-    compile_backend: Literal["inductor", "aot_eager", "eager"] = field(
-        default="inductor", metadata={"help": "torch.compile backend: inductor (generated kernels) | aot_eager "
-                                              "(graph capture + autograd only: debugging) | eager"})
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = field(
-        default="default", metadata={"help": "inductor mode: default | reduce-overhead (CUDA graphs) | "
-                                             "max-autotune | max-autotune-no-cudagraphs"})
-    compile_dynamic: bool = field(
-        default=False, metadata={"help": "False: one graph per input shape (each crop size compiles once); "
-                                         "True: shape-generic graphs"})
-
-    def validate(self) -> None:
-        if self.backend not in _BACKENDS:
-            raise ValueError(f"backend: {self.backend!r} is not one of {', '.join(_BACKENDS)}")
-        if self.mixed_precision not in _MIXED:
-            raise ValueError(f"mixed_precision: {self.mixed_precision!r} is not one of {', '.join(_MIXED)}")
-        if self.grad_accum_steps < 1:
-            raise ValueError(f"grad_accum_steps: must be >= 1, got {self.grad_accum_steps}")
-        if self.dist_timeout_s < 1:
-            raise ValueError(f"dist_timeout_s: must be >= 1, got {self.dist_timeout_s}")
-        if self.zero_offload and self.backend not in ("auto", "zero1", "zero2", "zero3"):
-            raise ValueError(f"zero_offload: only applies to DeepSpeed backends, not {self.backend!r}")
-        if self.fsdp_wrap_classes and self.backend not in ("auto", "fsdp2"):
-            raise ValueError(f"fsdp_wrap_classes: only applies to backend fsdp2, not {self.backend!r}")
-        if self.compile_backend not in _COMPILE_BACKENDS:
-            raise ValueError(f"compile_backend: {self.compile_backend!r} is not one of {', '.join(_COMPILE_BACKENDS)}")
-        if self.compile_mode not in _COMPILE_MODES:
-            raise ValueError(f"compile_mode: {self.compile_mode!r} is not one of {', '.join(_COMPILE_MODES)}")
-        if self.compile_mode != "default" and self.compile_backend != "inductor":
-            raise ValueError(f"compile_mode: {self.compile_mode!r} is an inductor mode; compile_backend is "
-                             f"{self.compile_backend!r}")
-
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
@@ -380,5 +307,3 @@ def describe(accelerator: Accelerator) -> dict:
         mixed_precision=str(accelerator.mixed_precision),
     )
 
-
-register_section("parallel", ParallelConfig)

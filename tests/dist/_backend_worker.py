@@ -28,12 +28,12 @@ from dist_ssl.engine.optim import set_weight_decay
 from dist_ssl.methods.momentum import momentum_update_
 from dist_ssl.parallel import collectives as C
 from dist_ssl.parallel.accelerator import (
-    ParallelConfig,
     build_accelerator,
     describe,
     launcher_backend,
     prepare_model_and_optimizer,
 )
+from dist_ssl.parallel.config import ParallelConfig
 
 GLOBAL_BATCH, DIM, STEPS = 16, 8, 4  # STEPS before the checkpoint; one more step after resume
 

@@ -21,9 +21,10 @@ import timm
 import torch
 from torch import nn
 
-import dist_ssl.models  # noqa: F401  (registers the small ViTs with timm)
+import dist_ssl.models.factory  # noqa: F401  (registers the small ViTs with timm)
 from dist_ssl.parallel import collectives as C
-from dist_ssl.parallel.accelerator import ParallelConfig, build_accelerator, describe, prepare_model_and_optimizer
+from dist_ssl.parallel.accelerator import build_accelerator, describe, prepare_model_and_optimizer
+from dist_ssl.parallel.config import ParallelConfig
 from dist_ssl.parallel.compile import is_compiled
 
 GLOBAL_BATCH, STEPS, CLASSES = 8, 3, 4

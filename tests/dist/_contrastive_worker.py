@@ -21,7 +21,7 @@ from torch import nn
 
 from dist_ssl.config.registry import variants
 from dist_ssl.methods import MethodConfig, MethodContext, build_method
-from dist_ssl.models.factory import ModelConfig
+from dist_ssl.models.config import ModelConfig
 from dist_ssl.parallel.global_batchnorm import convert_to_global_batchnorm
 
 WORLD, GLOBAL_B, LR = 2, 8, 0.5

@@ -25,7 +25,7 @@ def splitmask_method():
     import dist_ssl.methods  # noqa: F401
     from dist_ssl.config.schema import from_dict
     from dist_ssl.methods import MethodConfig, MethodContext, build_method
-    from dist_ssl.models.factory import ModelConfig
+    from dist_ssl.models.config import ModelConfig
 
     torch.manual_seed(0)
     cfg = from_dict(MethodConfig, {"name": "splitmask", "vocab_size": 32, "mask_min_block": 4})

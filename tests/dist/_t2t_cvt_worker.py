@@ -28,8 +28,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_ssl.models import ModelConfig, create_backbone
 from dist_ssl.parallel import collectives as C
-from dist_ssl.parallel.accelerator import (ParallelConfig, build_accelerator, describe,
+from dist_ssl.parallel.accelerator import (build_accelerator, describe,
                                            prepare_model_and_optimizer)
+from dist_ssl.parallel.config import ParallelConfig
 from dist_ssl.parallel.global_batchnorm import convert_to_global_batchnorm
 
 GLOBAL_BATCH, STEPS = 8, 3

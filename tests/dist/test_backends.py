@@ -21,12 +21,12 @@ import torch
 
 from dist_ssl.parallel import collectives as C
 from dist_ssl.parallel.accelerator import (
-    ParallelConfig,
     build_accelerator,
     launcher_backend,
     prepare_model_and_optimizer,
     resolve_backend,
 )
+from dist_ssl.parallel.config import ParallelConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _backend_worker import SHARD_OF_RANK_1  # noqa: E402

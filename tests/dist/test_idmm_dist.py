@@ -21,8 +21,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_ssl.data.mixing import MixedBatch
 from dist_ssl.methods import MethodContext, build_method
-from dist_ssl.methods.idmm import IDMMConfig
-from dist_ssl.models.factory import ModelConfig
+from dist_ssl.methods.configs.idmm import IDMMConfig
+from dist_ssl.models.config import ModelConfig
 
 pytestmark = pytest.mark.dist
 

@@ -22,7 +22,7 @@ import pytest
 import timm
 import torch
 
-import dist_ssl.models  # noqa: F401  (registers the small ViTs with timm)
+import dist_ssl.models.factory  # noqa: F401  (registers the small ViTs with timm)
 from dist_ssl.models.export import timm_pretrained_kwargs
 
 from .conftest import REPO, read_log, train_env

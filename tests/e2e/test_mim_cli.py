@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 
-import dist_ssl.models  # noqa: F401  (registers the small ViTs with timm)
+import dist_ssl.models.factory  # noqa: F401  (registers the small ViTs with timm)
 from dist_ssl.models.export import timm_pretrained_kwargs
 from dist_ssl.models.tokenizers import load_codebook
 

@@ -15,7 +15,7 @@ import pytest
 import timm
 import torch
 
-import dist_ssl.models  # noqa: F401  (registers t2t_vit_* / cvt_* with timm)
+import dist_ssl.models.factory  # noqa: F401  (registers t2t_vit_* / cvt_* with timm)
 from dist_ssl.models.export import load_backbone_file, read_export_metadata, timm_pretrained_kwargs
 
 from .conftest import REPO, read_log, train_env

@@ -14,7 +14,7 @@ import pytest
 import timm
 import torch
 
-import dist_ssl.models  # noqa: F401  (registers the small ViTs with timm)
+import dist_ssl.models.factory  # noqa: F401  (registers the small ViTs with timm)
 from dist_ssl.config.run import reload_saved_config
 from dist_ssl.models.export import timm_pretrained_kwargs
 

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from dist_ssl.engine.checkpoint import COMPLETE, CRASH_ENV, CheckpointError, CheckpointManager
-from dist_ssl.parallel.accelerator import ParallelConfig, build_accelerator, prepare_model_and_optimizer
+from dist_ssl.parallel.accelerator import build_accelerator, prepare_model_and_optimizer
+from dist_ssl.parallel.config import ParallelConfig
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -23,11 +23,12 @@ from torch import nn
 
 from dist_ssl.engine.ema import ModelEMA
 from dist_ssl.methods import MethodContext, build_method
-from dist_ssl.methods.idmm import IDMMConfig
+from dist_ssl.methods.configs.idmm import IDMMConfig
 from dist_ssl.methods.momentum import momentum_update_
 from dist_ssl.models.export import export_state_dict, strip_wrapper_prefixes, unwrap_model
-from dist_ssl.models.factory import ModelConfig
-from dist_ssl.parallel.accelerator import ParallelConfig, build_accelerator, prepare_model_and_optimizer
+from dist_ssl.models.config import ModelConfig
+from dist_ssl.parallel.accelerator import build_accelerator, prepare_model_and_optimizer
+from dist_ssl.parallel.config import ParallelConfig
 from dist_ssl.parallel.compile import compile_student, is_compiled
 
 N, B, STEPS = 23, 6, 3

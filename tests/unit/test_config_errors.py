@@ -17,7 +17,7 @@ from dist_ssl.config.overrides import parse_override
 from dist_ssl.config.registry import load_builtin_sections, variants
 from dist_ssl.engine.run import main
 from dist_ssl.methods import MethodContext, build_method
-from dist_ssl.methods.base import MethodConfig
+from dist_ssl.methods.configs.base import MethodConfig
 from dist_ssl.models import ModelConfig, create_backbone, export_backbone
 
 REPO = Path(__file__).resolve().parents[2]

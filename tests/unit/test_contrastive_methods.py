@@ -16,7 +16,7 @@ from dist_ssl.config import load_config
 from dist_ssl.config.registry import variants
 from dist_ssl.methods import MethodConfig, MethodContext, build_method, method_names
 from dist_ssl.methods.momentum import teacher_forward
-from dist_ssl.models.factory import ModelConfig
+from dist_ssl.models.config import ModelConfig
 
 REPO = Path(__file__).resolve().parents[2]
 B = 6

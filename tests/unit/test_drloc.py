@@ -11,7 +11,8 @@ from dist_ssl.config.schema import from_dict
 from dist_ssl.heads.drloc import DRLocStudent, gather_cells, pair_positions, pool_grid
 from dist_ssl.losses.drloc import drloc_loss, drloc_targets
 from dist_ssl.methods import MethodConfig, MethodContext, build_method
-from dist_ssl.models.factory import ModelConfig, create_backbone, forward_tokens
+from dist_ssl.models.config import ModelConfig
+from dist_ssl.models.factory import create_backbone, forward_tokens
 
 
 def test_targets_for_hand_computed_pairs():

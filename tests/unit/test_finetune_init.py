@@ -16,7 +16,7 @@ from dist_ssl.config.errors import ConfigError
 from dist_ssl.engine.trainer import _backbone_state
 from dist_ssl.eval.features import load_frozen_backbone
 from dist_ssl.methods import MethodContext, build_method
-from dist_ssl.methods.supervised import SupervisedConfig
+from dist_ssl.methods.configs.supervised import SupervisedConfig
 from dist_ssl.models import ModelConfig
 from dist_ssl.models.export import (HEAD_FILE, export_backbone, export_head, load_head_file, read_export_metadata,
                                     timm_pretrained_kwargs)

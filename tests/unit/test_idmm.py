@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from dist_ssl.config.errors import ConfigError
 from dist_ssl.data.mixing import cutmix_instances, mix_rng
 from dist_ssl.methods import MethodContext, build_method
-from dist_ssl.methods.idmm import IDMMConfig
-from dist_ssl.models.factory import ModelConfig
+from dist_ssl.methods.configs.idmm import IDMMConfig
+from dist_ssl.models.config import ModelConfig
 
 N, B = 37, 6  # instances (not divisible by 2 or 3), images per batch
 

@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 
-import dist_ssl.methods  # noqa: F401  (registers every method)
+import dist_ssl.methods  # noqa: F401  (registers every method's config; build_method imports the method)
 from dist_ssl.config.schema import from_dict
 from dist_ssl.data.loader import build_train_loader
 from dist_ssl.data.masking import mask_to_ids
@@ -13,7 +13,7 @@ from dist_ssl.heads.mim_decoder import MIMDecoder
 from dist_ssl.models.vit_tokens import encode_visible
 from dist_ssl.losses.mim import masked_pixel_loss, masked_token_loss, pixel_targets
 from dist_ssl.methods import MethodConfig, MethodContext, build_method
-from dist_ssl.models.factory import ModelConfig
+from dist_ssl.models.config import ModelConfig
 
 TINY = {"beit": {"vocab_size": 64, "mask_min_block": 4},
         "splitmask": {"vocab_size": 64, "mask_min_block": 4},

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import timm
 import torch
 from torch import nn
 
@@ -19,7 +20,11 @@ from dist_ssl.models import (
     forward_tokens,
     load_backbone_state,
     resample_pos_embed,
+    small_vit_names,
 )
+from dist_ssl.models.cvt import CVT_NAMES
+from dist_ssl.models.names import BACKBONE_ALIASES, OWN_BACKBONES
+from dist_ssl.models.t2t_vit import T2T_VIT_NAMES
 
 # alias -> (input size, expected final grid)
 BACKBONES = {
@@ -103,6 +108,14 @@ def test_config_validation_names_the_field():
     for f in dataclasses.fields(ModelConfig):  # the run-config convention: every field documented
         assert f.metadata.get("help"), f.name
     ModelConfig().validate()
+
+
+def test_backbone_table_names_every_model_this_package_registers():
+    """names.py writes them out (so a config validates without timm): it must not drift from
+    what small_vit.py, t2t_vit.py and cvt.py register."""
+    registered = (*small_vit_names(), *T2T_VIT_NAMES, *CVT_NAMES)
+    assert OWN_BACKBONES == registered
+    assert all(timm.is_model(name) and BACKBONE_ALIASES[name] == name for name in registered)
 
 
 def test_classifier_names():

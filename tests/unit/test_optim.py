@@ -9,10 +9,11 @@ import timm
 import torch
 from torch import nn
 
-import dist_ssl.models  # noqa: F401  (registers vit_pico_patch4_28 with timm)
+import dist_ssl.models.factory  # noqa: F401  (registers vit_pico_patch4_28 with timm)
 from dist_ssl.engine.optim import (
-    OptimConfig, absolute_lr, build_optimizer, param_groups, resolve_warmup_steps, set_weight_decay, vit_layer_id,
+    absolute_lr, build_optimizer, param_groups, resolve_warmup_steps, set_weight_decay, vit_layer_id,
 )
+from dist_ssl.engine.optim_config import OptimConfig
 
 WD = 0.05
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from dist_ssl.engine.optim import OptimConfig, build_optimizer, param_groups
+from dist_ssl.engine.optim import build_optimizer, param_groups
+from dist_ssl.engine.optim_config import OptimConfig
 from dist_ssl.engine.schedules import LRMultiplier, build_lr_scheduler
 from dist_ssl.step_schedules import cosine, linear, linear_warmup_then_constant, warmup_cosine
 

@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 
-import dist_ssl.methods  # noqa: F401  (registers every method)
+import dist_ssl.methods  # noqa: F401  (registers every method's config; build_method imports the method)
 from dist_ssl.config.errors import ConfigError
 from dist_ssl.config.schema import from_dict
 from dist_ssl.data.loader import build_train_loader

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import errno
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from dist_ssl.config.errors import ConfigError
 from dist_ssl.config.registry import register_section
+from dist_ssl.config.schema import doc
 
 from .jsonl import JSONLSink
 from .prometheus import PrometheusSink, prometheus_port
@@ -20,18 +21,14 @@ __all__ = ["MetricsConfig", "build_sinks"]
 class MetricsConfig:
     """Where metrics go. JSONL is always on (rank 0); the others are opt-in."""
 
-    jsonl_name: str = field(default="log.jsonl", metadata={"help": "JSONL file name inside the run dir"})
-    tensorboard: bool = field(default=False, metadata={"help": "also write TensorBoard events to <run_dir>/tb"})
-    prometheus: bool = field(default=False, metadata={"help": "serve per-rank Prometheus gauges over HTTP"})
-    prometheus_port_base: int = field(
-        default=9400, metadata={"help": "exporter port of local rank 0; local rank r uses base + r"})
-    prometheus_host: str = field(
-        default="127.0.0.1", metadata={"help": "exporter bind address; 0.0.0.0 exposes it to the network"})
-    log_every_steps: int = field(
-        default=10, metadata={"help": "log every N optimizer steps (each log syncs the device)"})
-    verbose: bool = field(
-        default=False, metadata={"help": "also show INFO logs of accelerate, DeepSpeed, torch.distributed "
-                                         "(WARNING and above otherwise); tools/train.py -v does the same"})
+    jsonl_name: str = doc("log.jsonl", "JSONL file name inside the run dir")
+    tensorboard: bool = doc(False, "also write TensorBoard events to <run_dir>/tb")
+    prometheus: bool = doc(False, "serve per-rank Prometheus gauges over HTTP")
+    prometheus_port_base: int = doc(9400, "exporter port of local rank 0; local rank r uses base + r")
+    prometheus_host: str = doc("127.0.0.1", "exporter bind address; 0.0.0.0 exposes it to the network")
+    log_every_steps: int = doc(10, "log every N optimizer steps (each log syncs the device)")
+    verbose: bool = doc(False, "also show INFO logs of accelerate, DeepSpeed, torch.distributed "
+                               "(WARNING and above otherwise); tools/train.py -v does the same")
 
     def validate(self) -> None:
         if self.log_every_steps < 1:
