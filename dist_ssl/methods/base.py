@@ -72,7 +72,8 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def local_modules(self) -> list[nn.Module]:
-        """Trainable modules the engine optimizes but never wraps for gradient sync."""
+        """Trainable modules the engine optimizes but never wraps for gradient sync: ``ShardedLinear``
+        shards, which carry their class range (``dist_ssl.parallel.rank_local``)."""
         return []
 
     def local_lr_scale(self) -> float:
