@@ -38,12 +38,16 @@ class TrainConfig:
     steps: Optional[int] = doc(None, "training length in optimizer steps; overrides epochs")
     eval_every_epochs: Optional[int] = doc(None, "also evaluate every k epochs (always at the end)")
     ema_decay: Optional[float] = doc(None, "keep an EMA of the student's weights (e.g. 0.9998); None = off")
+    preemption_check_steps: int = doc(10, "agree across ranks on a preemption signal every this many steps (and at "
+                                      "epoch ends): a host sync; SLURM's --signal grace is tens of seconds")
 
     def validate(self) -> None:
         if self.batch_size < 1:
             raise ValueError("batch_size: must be >= 1")
         if self.epochs is None and self.steps is None:
             raise ValueError("epochs: set train.epochs or train.steps")
+        if self.preemption_check_steps < 1:
+            raise ValueError(f"preemption_check_steps: must be >= 1, got {self.preemption_check_steps}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay: must be in (0, 1), got {self.ema_decay}")
         for key in ("epochs", "steps"):

@@ -8,8 +8,10 @@ Layout (``output_dir`` must be one filesystem that every rank sees)::
                                   the manifest {file: {size, sha256}} that load verifies
         model / optimizer / scheduler files of the backend (engine/checkpoint_io.py)
         rng_state_<rank>.safetensors  python / numpy / torch / CUDA RNG of each rank
-        shared_<name>.pt          state that is the same on every rank (method buffers, EMA), rank 0
-        rank_local_<name>_<rank>.pt   objects that are not data-parallel (``per_rank=``)
+        shared_<name>.pt          stateful objects that are the same on every rank (method buffers,
+                                  EMA): rank 0 writes them (engine/checkpoint_stateful.py)
+        <name>_<rank>.pt          stateful objects with ``per_rank = True``, every rank its own: the
+                                  model-parallel state (rank_local_<rank>.pt, parallel/rank_local.py)
 
 Trust model: reading a checkpoint never runs code from it. JSON and safetensors cannot; every
 pickle-based file is read by an allow-list unpickler (``engine/safe_load.py``): torch's
@@ -44,6 +46,8 @@ from dist_ssl.engine.checkpoint_io import (
     CheckpointError, DCPException, load_training_state, one_line, restoring, save_training_state, torch_save,
     write_error)
 from dist_ssl.engine.checkpoint_manifest import describe_files, verify_files
+from dist_ssl.engine.checkpoint_stateful import (
+    TRAINER_STATE, local_file, read_rank_states, rng_file, shared_file, split_stateful)
 from dist_ssl.engine.rng_state import load_rng_state, save_rng_state
 from dist_ssl.engine.safe_load import deepspeed_globals, parse_problem, safe_torch_load
 from dist_ssl.parallel.accelerator import describe
@@ -54,21 +58,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["CheckpointError", "CheckpointManager", "COMPLETE", "TRAINER_STATE", "CRASH_ENV"]
 
 COMPLETE = "COMPLETE"
-TRAINER_STATE = "trainer_state.json"
 CRASH_ENV = "DIST_SSL_CKPT_CRASH_AFTER_MODEL"  # test hook: os._exit(1) after the model files are written
 _STALE = re.compile(r"^\.(tmp|old)_step_\d+_[0-9a-f]+$")
-
-
-def _rng_file(rank: int) -> str:
-    return f"rng_state_{rank}.safetensors"
-
-
-def _local_file(name: str, rank: int) -> str:
-    return f"rank_local_{name}_{rank:05d}.pt"
-
-
-def _shared_file(name: str) -> str:
-    return f"shared_{name}.pt"
 
 
 def _write_durable(path: Path, text: str) -> None:
@@ -132,19 +123,18 @@ class CheckpointManager:
         return path
 
     # ------------------------------------------------------------------ save
-    def save(self, step: int, accelerator, state: Mapping[str, Any], *, per_rank: Mapping[str, Any] | None = None,
-             shared: Mapping[str, Any] | None = None) -> Path:
+    def save(self, step: int, accelerator, state: Mapping[str, Any], *,
+             stateful: Mapping[str, Any] | None = None) -> Path:
         """Write ``step_<step>`` atomically (collective). ``state`` must be JSON-able.
 
-        ``shared`` maps names to objects with ``state_dict()`` that are the same on every rank
-        (rank 0 writes them); ``per_rank`` to objects that differ per rank and are not known to
-        the accelerator (e.g. a model-parallel weight shard and its optimizer). State dicts must
-        hold tensors, containers, numbers and strings only (they are read back with
-        ``weights_only=True``). A write error on any rank raises CheckpointError on every rank.
+        ``stateful``: name -> object with ``state_dict()`` / ``load_state_dict()`` that the
+        accelerator does not save (as torchtitan's CheckpointManager takes them); see
+        ``engine/checkpoint_stateful.py`` for which rank writes what. A write error on any rank
+        raises CheckpointError on every rank.
         """
         if step < 0:
             raise ValueError(f"step: must be >= 0, got {step}")
-        per_rank, shared = dict(per_rank or {}), dict(shared or {})
+        per_rank, shared = split_stateful(stateful)
         meta = dict(describe(accelerator), format_version=FORMAT_VERSION, per_rank=sorted(per_rank),
                     shared=sorted(shared), accelerator_step=int(accelerator.step),
                     saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -184,12 +174,12 @@ class CheckpointManager:
             if os.environ.get(CRASH_ENV) == "1":
                 logger.error("%s=1: simulating a crash in the middle of a checkpoint save", CRASH_ENV)
                 os._exit(1)
-            save_rng_state(tmp / _rng_file(rank))
+            save_rng_state(tmp / rng_file(rank))
             if accelerator.is_main_process:
                 for name, obj in shared.items():
-                    torch_save(obj.state_dict(), tmp / _shared_file(name))
+                    torch_save(obj.state_dict(), tmp / shared_file(name))
             for name, obj in per_rank.items():
-                torch_save(obj.state_dict(), tmp / _local_file(name, rank))
+                torch_save(obj.state_dict(), tmp / local_file(name, rank))
         except (Exception, DCPException) as exc:  # noqa: BLE001 - reported on every rank by the caller
             return f"{tmp}: rank {rank} could not write its files ({write_error(exc, tmp.parent)})"
         return None
@@ -237,16 +227,28 @@ class CheckpointManager:
             shutil.rmtree(p, ignore_errors=True)
 
     # ------------------------------------------------------------------ load
-    def load(self, path: Path, accelerator, *, per_rank: Mapping[str, Any] | None = None,
-             shared: Mapping[str, Any] | None = None) -> dict:
+    @staticmethod
+    def peek(path: Path) -> dict:
+        """``{"step": ..., **state}`` from the trainer state of checkpoint ``path`` alone, nothing
+        verified or restored: what a run checks against its own settings before ``load``; {} when
+        unreadable (``load`` then says why)."""
+        try:
+            record = json.loads((Path(path) / TRAINER_STATE).read_text(encoding="utf-8"))
+            return {**record["state"], "step": record["step"]}
+        except Exception:  # noqa: BLE001 - load's checks name the problem
+            return {}
+
+    def load(self, path: Path, accelerator, *, stateful: Mapping[str, Any] | None = None) -> dict:
         """Restore everything ``save`` wrote (collective); returns ``{"step": ..., **state}``.
+        A per-rank object saved by another number of processes is re-sharded when it has
+        ``load_all_ranks(states)`` (every saved rank's state), else refused.
 
         Raises CheckpointError on every rank, naming the file, when the checkpoint is incomplete,
         corrupt (size / hash), unsafe (a pickled object outside the allow-list) or incompatible
         (other backend, shapes). Every file is verified against the manifest before any is read.
         """
         path = Path(path)
-        per_rank, shared = dict(per_rank or {}), dict(shared or {})
+        per_rank, shared = split_stateful(stateful)
         try:
             problem = self._precheck(path, accelerator, per_rank, shared)
         except Exception as exc:  # noqa: BLE001 - every rank must reach the all_gather below
@@ -257,8 +259,8 @@ class CheckpointManager:
         record = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
         load_training_state(accelerator, path)  # collective; CheckpointError naming the file
         for name, obj in shared.items():
-            with restoring(path / _shared_file(name), repr(name)):
-                obj.load_state_dict(safe_torch_load(path / _shared_file(name)))
+            with restoring(path / shared_file(name), repr(name)):
+                obj.load_state_dict(safe_torch_load(path / shared_file(name)))
         self._load_per_rank(path, accelerator, record, per_rank)
         accelerator.step = int(record["meta"].get("accelerator_step", 0))  # its gradient-accumulation phase
         self._load_rng(path, accelerator, record)
@@ -270,19 +272,17 @@ class CheckpointManager:
         rank, saved_world = accelerator.process_index, record["meta"]["num_processes"]
         for name, obj in per_rank.items():
             if saved_world != accelerator.num_processes:  # re-shard from every saved rank's file
-                files = [path / _local_file(name, r) for r in range(saved_world)]
                 with restoring(path, f"{name!r} re-sharded from {saved_world} to {accelerator.num_processes} processes"):
-                    # mmap: only the rows this rank takes are read, never every rank's full share
-                    obj.load_all_ranks([safe_torch_load(f, mmap=True) for f in files])
+                    obj.load_all_ranks(read_rank_states(path, name))
                 continue
-            f = path / _local_file(name, rank)
+            f = path / local_file(name, rank)
             with restoring(f, repr(name)):
                 obj.load_state_dict(safe_torch_load(f))
 
     @staticmethod
     def _load_rng(path: Path, accelerator, record: dict) -> None:
         rank, same_world = accelerator.process_index, record["meta"]["num_processes"] == accelerator.num_processes
-        f = path / _rng_file(rank)
+        f = path / rng_file(rank)
         if not same_world and not f.is_file():
             logger.warning("%s: not in the checkpoint (written by %d processes, this run has %d): this rank's "
                            "random streams start fresh, so the resume is not exact", f,
@@ -311,12 +311,12 @@ class CheckpointManager:
         if problem:
             return problem
         rank, world, saved_world = accelerator.process_index, accelerator.num_processes, meta["num_processes"]
-        needed = [_shared_file(n) for n in shared] + ([_rng_file(rank)] if saved_world == world else [])
+        needed = [shared_file(n) for n in shared] + ([rng_file(rank)] if saved_world == world else [])
         for name, obj in per_rank.items():
             if saved_world != world and not hasattr(obj, "load_all_ranks"):
                 return (f"{path}: {name!r} was saved by {saved_world} processes and cannot be re-sharded "
                         f"for {world}; resume with {saved_world} processes")
-            needed += [_local_file(name, r) for r in (range(saved_world) if saved_world != world else [rank])]
+            needed += [local_file(name, r) for r in (range(saved_world) if saved_world != world else [rank])]
         for rel in needed:
             if rel not in files:
                 return f"{path / rel}: missing (not in the manifest of {state_file.name})"

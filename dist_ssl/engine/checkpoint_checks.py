@@ -17,7 +17,10 @@ from dist_ssl.parallel.accelerator import describe
 
 __all__ = ["FORMAT_VERSION", "STEP_DIR", "record_problem", "compat_problem", "shape_problem"]
 
-FORMAT_VERSION = 2  # 1: accelerate's save_state (pickles read with weights_only=False): refused
+FORMAT_VERSION = 3
+# why an older format cannot be read (each is refused with one line)
+_OLD_FORMATS = {1: "accelerate's save_state: pickles that cannot be read safely",
+                2: "rank-local state in three files per rank, now one object per rank"}
 STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 
@@ -41,8 +44,9 @@ def _manifest_problem(files: Any) -> str | None:
 def record_problem(f: Path, dir_name: str, meta: dict, step: Any, files: Any) -> str | None:
     """The trainer state ``f`` itself: format version, step (>= 0, the directory's), manifest."""
     if meta.get("format_version") != FORMAT_VERSION:
-        return (f"{f}: format_version {meta.get('format_version')} != {FORMAT_VERSION} (checkpoints of "
-                f"dist_ssl before format 2 hold pickles that cannot be read safely); resume=none starts over")
+        why = _OLD_FORMATS.get(meta.get("format_version"), "not a format this dist_ssl knows")
+        return (f"{f}: format_version {meta.get('format_version')} != {FORMAT_VERSION} ({why}); "
+                "resume=none starts over")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         return f"{f}: step {step!r} is not a non-negative integer (edited by hand?)"
     m = STEP_DIR.match(dir_name)

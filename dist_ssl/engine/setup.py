@@ -25,6 +25,7 @@ from dist_ssl.engine.schedules import build_lr_scheduler
 from dist_ssl.methods import Method, MethodContext, build_method
 from dist_ssl.parallel.accelerator import build_accelerator, prepare_model_and_optimizer
 from dist_ssl.parallel.global_batchnorm import convert_to_global_batchnorm
+from dist_ssl.parallel.rank_local import RankLocalState
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,7 @@ class RunParts:
     eval_loader: Optional[Any]
     optimizer: Any
     scheduler: Any
-    local_optimizer: Optional[Any]  # rank-local modules' optimizer (never prepared)
-    local_scheduler: Optional[Any]
+    rank_local: Optional[RankLocalState]  # the method's rank-local modules + their optimizer (never prepared)
     ema: Optional[ModelEMA]
     steps_per_epoch: int
     total_steps: int
@@ -106,16 +106,7 @@ def build_run(cfg) -> RunParts:
     student, optimizer, scheduler = prepare_model_and_optimizer(accelerator, method.student,
                                                                 optimizer, scheduler, cfg=cfg.parallel)
     method.student = student
-    local_optimizer = local_scheduler = None
-    local = [p for m in method.local_modules() for p in m.parameters() if p.requires_grad]
-    if local:
-        scale = method.local_lr_scale()
-        local_groups = [{**g, "lr_scale": g["lr_scale"] * scale} for m in method.local_modules()
-                        for g in param_groups(m, cfg.optim.weight_decay)]
-        if scale != 1.0:
-            log.info("rank-local modules train at %g x the lr", scale)
-        local_optimizer = build_optimizer(cfg.optim, local_groups, lr)
-        local_scheduler = _lr_schedule(local_optimizer, cfg, total_steps, warmup, lr)
+    rank_local = _rank_local_state(method, cfg, total_steps, warmup, lr)
 
     eval_loader = None
     if cfg.data.val:
@@ -127,8 +118,23 @@ def build_run(cfg) -> RunParts:
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
     set_seed(cfg.seed + rank, device_specific=False)  # per-rank streams for dropout / mixing
-    return RunParts(accelerator, method, loader, eval_loader, optimizer, scheduler, local_optimizer,
-                    local_scheduler, ema, steps_per_epoch, total_steps, global_batch, lr, input_dtype)
+    return RunParts(accelerator, method, loader, eval_loader, optimizer, scheduler, rank_local, ema,
+                    steps_per_epoch, total_steps, global_batch, lr, input_dtype)
+
+
+def _rank_local_state(method: Method, cfg, total_steps: int, warmup: int, lr: float) -> Optional[RankLocalState]:
+    """The method's trainable rank-local modules with their own optimizer and lr schedule (at
+    ``method.local_lr_scale()`` x the run's lr); None when it has none."""
+    modules = method.named_local_modules()
+    if not any(p.requires_grad for m in modules.values() for p in m.parameters()):
+        return None
+    scale = method.local_lr_scale()
+    groups = [{**g, "lr_scale": g["lr_scale"] * scale} for m in modules.values()
+              for g in param_groups(m, cfg.optim.weight_decay)]
+    if scale != 1.0:
+        log.info("rank-local modules train at %g x the lr", scale)
+    optimizer = build_optimizer(cfg.optim, groups, lr)
+    return RankLocalState(modules, optimizer, _lr_schedule(optimizer, cfg, total_steps, warmup, lr))
 
 
 def run_name(cfg) -> str:

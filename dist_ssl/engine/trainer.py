@@ -22,11 +22,13 @@ from dist_ssl.engine.checkpoint import CheckpointError, CheckpointManager
 from dist_ssl.engine.evaluate import evaluate_topk
 from dist_ssl.engine.metrics import build_sinks, memory_stats
 from dist_ssl.engine.optim import set_weight_decay
-from dist_ssl.engine.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
+from dist_ssl.engine.preemption import REQUEUE_EXIT_CODE, PreemptionFlag, check_due
 from dist_ssl.engine.progress import Progress
 from dist_ssl.step_schedules import cosine
 from dist_ssl.engine.setup import RunParts, build_run, run_name
+from dist_ssl.methods.base import MethodState
 from dist_ssl.parallel.accelerator import describe
+from dist_ssl.parallel.rank_local import STATE_NAME as RANK_LOCAL
 from dist_ssl.atomic import atomic_write_json
 from dist_ssl.models.export import HEAD_FILE, export_backbone, export_head
 
@@ -34,35 +36,6 @@ log = logging.getLogger(__name__)
 BACKBONE_FILE = "backbone.safetensors"
 EVAL_FILE = "eval.json"
 RUN_INFO_FILE = "run.json"  # derived values of this launch: backend, world size, lr, steps
-
-
-class _StateAdapter:
-    """Something with state_dict/load_state_dict for CheckpointManager's shared / per-rank objects.
-
-    ``put_all`` (optional) becomes ``load_all_ranks(states)``: CheckpointManager calls it with
-    every saved rank's state when the world size changed since the checkpoint (re-sharding).
-    """
-
-    def __init__(self, get, put, put_all=None):
-        self.state_dict, self.load_state_dict = get, put
-        if put_all is not None:
-            self.load_all_ranks = put_all
-
-
-def _per_rank_objects(method, optimizer, scheduler) -> dict:
-    """Rank-local state every rank saves; re-shardable when the method says so."""
-    reshard = method.reshard_local_state if method.reshardable_local_state else None
-    objs = {"local_modules": (method.local_state_dict, method.load_local_state_dict),
-            "local_optimizer": (optimizer.state_dict, optimizer.load_state_dict),
-            "local_scheduler": (scheduler.state_dict, scheduler.load_state_dict)}
-    out = {}
-    for name, (get, put) in objs.items():
-        put_all = None
-        if reshard is not None:
-            def put_all(states, name=name, put=put):
-                put(reshard(name, states))
-        out[name] = _StateAdapter(get, put, put_all)
-    return out
 
 
 def _backbone_state(state: dict, student, backbone) -> dict:
@@ -78,22 +51,23 @@ def _backbone_state(state: dict, student, backbone) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg):
+    """``Trainer(cfg).fit()`` trains a run. ``parts`` (what ``build_run(cfg)`` returns) may be
+    built by the caller instead, e.g. a test that trains in-process or swaps the loader."""
+
+    def __init__(self, cfg, parts: Optional[RunParts] = None):
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         _check_output_dir(self.out)
-        self.parts: RunParts = build_run(cfg)
+        self.parts: RunParts = parts if parts is not None else build_run(cfg)
         acc = self.parts.accelerator
         self.is_main = acc.is_main_process
         self.ckpt = CheckpointManager(self.out, keep_last=cfg.ckpt.keep_last)
-        method = self.parts.method
-        # the same on every rank: rank 0 saves them (read back with weights_only=True)
-        self.shared = {"method": _StateAdapter(method.extra_state_dict, method.load_extra_state_dict)}
+        # what the accelerator does not save, by name; each object says whether it is per rank
+        self.stateful = {"method": MethodState(self.parts.method)}
         if self.parts.ema is not None:
-            self.shared["ema"] = self.parts.ema
-        self.per_rank = {}  # rank-local (model-parallel) state: every rank saves its own share
-        if self.parts.local_optimizer is not None:
-            self.per_rank = _per_rank_objects(method, self.parts.local_optimizer, self.parts.local_scheduler)
+            self.stateful["ema"] = self.parts.ema
+        if self.parts.rank_local is not None:
+            self.stateful[RANK_LOCAL] = self.parts.rank_local
         self.step = 0
         self.sinks = build_sinks(cfg.metrics, self.out, run=run_name(cfg), rank=acc.process_index,
                                  local_rank=acc.local_process_index, is_main=self.is_main)
@@ -102,15 +76,14 @@ class Trainer:
     def fit(self) -> int:
         """Train to the end (0) or until preempted (REQUEUE_EXIT_CODE, after a checkpoint)."""
         acc, parts = self.parts.accelerator, self.parts
-        if self.is_main:
-            save_config(self.cfg, self.out / "config.yaml")
-            atomic_write_json(self.out / RUN_INFO_FILE, self.run_info())
-        self._maybe_resume()
-        self.sinks.rewind(self.step)  # rows of steps after the checkpoint are redone: one row per step
-        flag = PreemptionFlag()
-        progress = Progress(parts.total_steps, enabled=self.is_main, start=self.step)
-        ok = False
+        flag, progress, ok = PreemptionFlag(), None, False
         try:
+            self._maybe_resume()  # first: a refused resume leaves the run dir as it was
+            if self.is_main:
+                save_config(self.cfg, self.out / "config.yaml")
+                atomic_write_json(self.out / RUN_INFO_FILE, self.run_info())
+            self.sinks.rewind(self.step)  # rows of steps after the checkpoint are redone: one row per step
+            progress = Progress(parts.total_steps, enabled=self.is_main, start=self.step)
             while self.step < parts.total_steps:
                 if self._run_epoch(flag, progress):
                     self._save()
@@ -125,7 +98,8 @@ class Trainer:
             ok = True
             return 0
         finally:
-            progress.close()
+            if progress is not None:
+                progress.close()
             flag.close()
             self.sinks.close()
             if ok:  # after an exception no collective: the other ranks may be inside another one
@@ -143,8 +117,8 @@ class Trainer:
         path = self.ckpt.resolve(self.cfg.resume)
         if path is None:
             return
-        state = self.ckpt.load(path, self.parts.accelerator, per_rank=self.per_rank, shared=self.shared)
-        self._check_resume_topology(path, state)
+        self._check_resume_topology(path, self.ckpt.peek(path))  # before anything is loaded
+        state = self.ckpt.load(path, self.parts.accelerator, stateful=self.stateful)
         self.step = int(state["step"])
         log.info("resumed from %s at step %d", path, self.step)
         if self.step >= self.parts.total_steps:
@@ -165,7 +139,7 @@ class Trainer:
                 f"{parts.global_batch} ({acc.num_processes} x {self.cfg.train.batch_size} x {accum} accumulation); "
                 f"resume with the same global batch (set train.batch_size or parallel.grad_accum_steps) "
                 f"or start a new run (resume=none)")
-        if saved_world is not None and saved_world != acc.num_processes and int(state["step"]) % parts.steps_per_epoch:
+        if saved_world is not None and saved_world != acc.num_processes and int(state.get("step", 0)) % parts.steps_per_epoch:
             log.warning("resuming mid-epoch with %d processes instead of %d: the rest of this epoch is drawn "
                         "from the new per-rank split, so some of its samples may repeat or be skipped "
                         "(exact only with the same world size)", acc.num_processes, saved_world)
@@ -197,7 +171,8 @@ class Trainer:
             t_last, waited = now, 0.0
             if self.step % cfg.ckpt.every_steps == 0 and self.step < parts.total_steps:
                 self._save()
-            if flag.agreed(acc.device, acc.num_processes):
+            if check_due(self.step, cfg.train.preemption_check_steps, spe, parts.total_steps) and \
+                    flag.agreed(acc.device, acc.num_processes):
                 return True
             if cfg.train.eval_every_epochs and self.step % spe == 0 and \
                     (self.step // spe) % cfg.train.eval_every_epochs == 0 and self.step < parts.total_steps:
@@ -221,13 +196,10 @@ class Trainer:
             if acc.sync_gradients and (wd := self._weight_decay_at(self.step)) is not None:
                 self._apply_weight_decay(wd)
             parts.optimizer.step()
-            if parts.local_optimizer is not None and acc.sync_gradients:
-                parts.local_optimizer.step()
-                parts.local_optimizer.zero_grad(set_to_none=True)
             if acc.sync_gradients:
+                if parts.rank_local is not None:
+                    parts.rank_local.step()
                 parts.scheduler.step()
-                if parts.local_scheduler is not None:
-                    parts.local_scheduler.step()
             parts.optimizer.zero_grad(set_to_none=True)
         if acc.sync_gradients:
             parts.method.after_step(self.step + 1)
@@ -243,9 +215,9 @@ class Trainer:
         return cosine(step, self.parts.total_steps, o.weight_decay, o.weight_decay_end)
 
     def _apply_weight_decay(self, wd: float) -> None:
-        for opt in (self.parts.optimizer, self.parts.local_optimizer):
-            if opt is not None:
-                set_weight_decay(opt, wd)
+        set_weight_decay(self.parts.optimizer, wd)
+        if self.parts.rank_local is not None:
+            set_weight_decay(self.parts.rank_local.optimizer, wd)
 
     # ------------------------------------------------------------------ outputs
     def _log(self, epoch: int, loss: torch.Tensor, logs: dict, step_time: float, waited: float) -> None:
@@ -274,7 +246,7 @@ class Trainer:
                         "steps_per_epoch": self.parts.steps_per_epoch,
                         "global_batch": self.parts.global_batch,
                         "num_processes": self.parts.accelerator.num_processes},
-                       per_rank=self.per_rank, shared=self.shared)
+                       stateful=self.stateful)
 
     def _export_backbone(self) -> None:
         acc = self.parts.accelerator

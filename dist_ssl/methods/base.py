@@ -8,7 +8,8 @@ in ``methods/configs/``). The engine knows nothing else about it:
   method must run every data-parallel computation through ``self.student(...)`` (one call per
   step: DDP and ZeRO hooks fire on the wrapper's forward).
 * ``local_modules()``: trainable modules kept OUT of data-parallel gradient sync (e.g. a
-  model-parallel classifier shard). The engine optimizes them but never wraps them.
+  model-parallel classifier shard). The engine optimizes, checkpoints and re-shards them
+  (``dist_ssl.parallel.rank_local``) but never wraps them.
 * everything else (EMA teachers, queues, centers) is plain state in submodules/buffers, saved in
   checkpoints through ``extra_state_dict()``, updated in ``after_step()``.
 
@@ -67,7 +68,8 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def local_modules(self) -> list[nn.Module]:
-        """Trainable modules the engine optimizes but never wraps for gradient sync."""
+        """Trainable modules the engine optimizes but never wraps for gradient sync: ``ShardedLinear``
+        shards, which carry their class range (``dist_ssl.parallel.rank_local``)."""
         return []
 
     def local_lr_scale(self) -> float:
@@ -97,31 +99,13 @@ class Method(nn.Module):
     def extra_state_dict(self) -> dict[str, torch.Tensor]:
         """Method state outside ``student`` and the rank-local modules (teachers, queues,
         centers): the same on every rank, saved once."""
-        skip = ("student.",) + tuple(f"{p}." for p in self._local_prefixes())
+        skip = ("student.",) + tuple(f"{p}." for p in self.named_local_modules())
         return {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
 
-    def local_state_dict(self) -> dict[str, Any]:
-        """This rank's share of the rank-local modules (e.g. its classifier shard); saved by
-        every rank. Override to add what re-sharding needs (e.g. the class range)."""
-        return {p: self.get_submodule(p).state_dict() for p in self._local_prefixes()}
-
-    def load_local_state_dict(self, state: dict[str, Any]) -> None:
-        for prefix, sub in state.items():
-            self.get_submodule(prefix).load_state_dict(sub)
-
-    # True when reshard_local_state is implemented: a checkpoint's rank-local state can then be
-    # resumed on another world size (e.g. IDMM's classifier shards saved by 3 ranks, resumed by 2).
-    reshardable_local_state: bool = False
-
-    def reshard_local_state(self, name: str, states: list[dict]) -> dict:
-        """This rank's state of the per-rank object ``name`` ("local_modules", "local_optimizer",
-        "local_scheduler") rebuilt from every saved rank's state (old-rank order), when the world
-        size changed since the checkpoint. Only called when ``reshardable_local_state``."""
-        raise NotImplementedError(f"{type(self).__name__} cannot re-shard its rank-local state")
-
-    def _local_prefixes(self) -> list[str]:
+    def named_local_modules(self) -> dict[str, nn.Module]:
+        """``local_modules()`` by their attribute path (the names in checkpoints)."""
         ids = {id(m) for m in self.local_modules()}
-        return [name for name, m in self.named_modules() if id(m) in ids and name]
+        return {name: m for name, m in self.named_modules() if id(m) in ids and name}
 
     def load_extra_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         own = self.extra_state_dict()
@@ -130,6 +114,22 @@ class Method(nn.Module):
         if missing or unexpected:
             raise KeyError(f"method state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
         self.load_state_dict(state, strict=False)
+
+
+class MethodState:
+    """A method's ``extra_state_dict`` as one stateful object of the engine's checkpoint: the
+    same on every rank, so rank 0 writes it (``per_rank`` False)."""
+
+    per_rank: ClassVar[bool] = False
+
+    def __init__(self, method: Method):
+        self.method = method
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.method.extra_state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.method.load_extra_state_dict(state)
 
 
 def config_fields(cfg: MethodConfig) -> dict[str, Any]:

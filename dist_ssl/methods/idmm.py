@@ -44,7 +44,7 @@ from dist_ssl.methods.registry import register_method
 from dist_ssl.models.export import unwrap_model
 from dist_ssl.models.factory import create_backbone, feature_dim
 from dist_ssl.models.names import resolve_backbone_name
-from dist_ssl.parallel.sharded_fc import ShardedLinear, grad_scale, reshard_rows, shard_range
+from dist_ssl.parallel.sharded_fc import ShardedLinear, grad_scale
 
 log = logging.getLogger(__name__)
 GROUP_NAMES = ("global", "local")
@@ -156,60 +156,13 @@ class IDMM(Method):
                              f"has one class per image of data.train's manifest; remake the shards")
         self._ids_checked = True
 
-    # ------------------------------------------------------------------ rank-local state
+    # ------------------------------------------------------------------ rank-local modules
+    # checkpointed and re-sharded on another world size by the engine (parallel/rank_local.py)
     def local_modules(self) -> list[nn.Module]:
         return [self.classifier]
 
     def local_lr_scale(self) -> float:
         return float(self.cfg.classifier_lr_scale)
-
-    def local_state_dict(self) -> dict[str, Any]:
-        return {"classifier": self.classifier.sharded_state_dict()}
-
-    def load_local_state_dict(self, state: dict[str, Any]) -> None:
-        self._check_num_instances(state["classifier"]["num_classes"])
-        self.classifier.load_sharded_state_dict(state["classifier"])
-
-    reshardable_local_state = True
-
-    def reshard_local_state(self, name: str, states: list[dict]) -> dict:
-        """See Method.reshard_local_state: the classifier rows and their optimizer rows move to
-        the new class ranges; the scheduler is the same on every rank."""
-        if name == "local_modules":
-            old = [s["classifier"] for s in states]
-            self._check_num_instances(old[0]["num_classes"])
-            return {"classifier": ShardedLinear.reshard(old, self.ctx.rank, self.ctx.world_size)}
-        if name == "local_optimizer":
-            return self._reshard_optimizer(states)
-        if name == "local_scheduler":
-            return states[0]  # a function of the step only: the same on every rank
-        raise KeyError(f"IDMM cannot re-shard {name!r}")
-
-    def _reshard_optimizer(self, states: list[dict]) -> dict:
-        """Every local parameter is a classifier row shard, so is every non-scalar optimizer state
-        (AdamW exp_avg / exp_avg_sq, SGD momentum_buffer)."""
-        n = self.classifier.num_classes
-        starts, sizes = zip(*(shard_range(n, r, len(states)) for r in range(len(states))))
-        start, n_local = self.classifier.shard_start, self.classifier.n_local
-        out = {"state": {}, "param_groups": states[0]["param_groups"]}
-        for pid, per_param in states[0]["state"].items():
-            new = {}
-            for key, value in per_param.items():
-                if torch.is_tensor(value) and value.ndim >= 1:
-                    parts = [s["state"][pid][key] for s in states]
-                    if [p.shape[0] for p in parts] != list(sizes):
-                        raise ValueError(f"optimizer state {key!r} of parameter {pid} is not row-sharded like "
-                                         f"the classifier (rows {[p.shape[0] for p in parts]}, expected {sizes})")
-                    value = reshard_rows(parts, list(starts), start, n_local)
-                new[key] = value
-            out["state"][pid] = new
-        return out
-
-    def _check_num_instances(self, saved: int) -> None:
-        if saved != self.classifier.num_classes:
-            raise ValueError(f"IDMM: the checkpoint's instance classifier has N={saved} classes but data.train "
-                             f"has {self.classifier.num_classes} images; resume with the same training set "
-                             f"or start a new output_dir")
 
     # ------------------------------------------------------------------ outputs
     def backbone(self) -> nn.Module:

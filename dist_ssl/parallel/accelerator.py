@@ -11,10 +11,9 @@ Who decides what:
   recipe: the plugins are built here with explicit values, which override the launcher's env.
 
 Data-parallel scope: only the module handed to ``prepare_model_and_optimizer`` is wrapped by
-DDP / FSDP2 / ZeRO. Parameters that must stay rank-local (the model-parallel sharded classifier
-of a later issue, whose shard differs per rank) live in a separate plain ``nn.Module`` with its
-own, unprepared optimizer; the engine steps both and checkpoints the local one per rank
-(``CheckpointManager.save(..., per_rank=...)``).
+DDP / FSDP2 / ZeRO. Parameters that must stay rank-local (the model-parallel sharded classifier,
+whose shard differs per rank) live in a separate plain ``nn.Module`` with its own, unprepared
+optimizer (``parallel/rank_local.py``); the engine steps both and checkpoints the local one per rank.
 
 CPU (no CUDA device, or ``ACCELERATE_USE_CPU=true``): DDP uses accelerate's native MULTI_CPU
 path on gloo. FSDP2 and DeepSpeed have no CPU path in accelerate (it silently drops the FSDP

@@ -48,8 +48,9 @@ def _args(out: Path, train: Path, *extra: str) -> list[str]:
             f"output_dir={out}", f"data.train={train}", *FAST, *extra]
 
 
-def _shard(step_dir: Path, name: str, rank: int) -> dict:
-    return torch.load(step_dir / f"rank_local_{name}_{rank:05d}.pt", map_location="cpu", weights_only=True)
+def _shard(step_dir: Path, rank: int) -> dict:
+    """One rank's rank-local state: {"modules": {"classifier": ...}, "optimizer", "scheduler", ...}."""
+    return torch.load(step_dir / f"rank_local_{rank:05d}.pt", map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -89,11 +90,11 @@ def test_two_processes_shard_the_classifier_and_learn(two_proc_run):
     assert all({"ce_global", "ce_local", "lam"} <= set(r) for r in rows)
     step = two_proc_run / "checkpoints" / "step_00000006"
     for rank, (start, rows_) in enumerate(((0, N0), (N0, N - N0))):  # each rank saved only its rows
-        mod = _shard(step, "local_modules", rank)["classifier"]
+        mod = _shard(step, rank)["modules"]["classifier"]
         assert mod["weight"].shape == (rows_, 96) and (mod["shard_start"], mod["num_classes"]) == (start, N)
-        adam = _shard(step, "local_optimizer", rank)["state"]
+        adam = _shard(step, rank)["optimizer"]["state"]
         assert [s["exp_avg"].shape[0] for s in adam.values()] == [rows_]
-    assert not (step / "rank_local_local_modules_00002.pt").exists()
+    assert not (step / "rank_local_00002.pt").exists()
     # the exported backbone has bare timm names (no wrapper / classifier keys) and loads in timm
     model = timm.create_model("vit_pico_patch4_28", in_chans=1, img_size=16,
                               **timm_pretrained_kwargs(two_proc_run / "backbone.safetensors"))
@@ -105,7 +106,7 @@ def test_resume_with_one_process_reshards_then_finetune(two_proc_run, tmp_path, 
     out = tmp_path / "run"
     shutil.copytree(two_proc_run, out)
     saved = out / "checkpoints" / "step_00000006"
-    w6 = torch.cat([_shard(saved, "local_modules", r)["classifier"]["weight"] for r in range(2)])
+    w6 = torch.cat([_shard(saved, r)["modules"]["classifier"]["weight"] for r in range(2)])
     # 1 process x 32 would halve the global batch (2 x 32): the step counter would then mean other
     # samples and another lr, so that resume is refused with one line ...
     proc = subprocess.run([sys.executable, *_args(out, fmnist125, "train.steps=8", "ckpt.every_steps=4")],
@@ -123,10 +124,10 @@ def test_resume_with_one_process_reshards_then_finetune(two_proc_run, tmp_path, 
     assert [r["step"] for r in rows] == list(range(1, 9))  # the 2-process rows, then 7 and 8
     assert all(math.isfinite(r["loss"]) for r in rows[6:])
     final = out / "checkpoints" / "step_00000008"
-    mod = _shard(final, "local_modules", 0)["classifier"]
+    mod = _shard(final, 0)["modules"]["classifier"]
     assert mod["weight"].shape == (N, 96) and mod["shard_start"] == 0
-    assert not (final / "rank_local_local_modules_00001.pt").exists()
-    adam = next(iter(_shard(final, "local_optimizer", 0)["state"].values()))
+    assert not (final / "rank_local_00001.pt").exists()
+    adam = next(iter(_shard(final, 0)["optimizer"]["state"].values()))
     assert adam["exp_avg"].shape[0] == N and float(adam["step"]) == 8  # AdamW state re-sharded, not reset
     # W continued from the two shards: 2 steps from w6, 8 from the init (the same full W for any
     # world size); a resume that silently re-initialised W would be 2 steps from the init instead

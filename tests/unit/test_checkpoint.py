@@ -47,6 +47,22 @@ def make(acc, out_dim: int = 4):
     return prepare_model_and_optimizer(acc, model, opt, sched)
 
 
+class PerRank:
+    """Stands in for model-parallel state the accelerator does not know (parallel/rank_local.py):
+    every rank saves its own share."""
+
+    per_rank = True
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def state_dict(self):
+        return self.obj.state_dict()
+
+    def load_state_dict(self, state):
+        self.obj.load_state_dict(state)
+
+
 def train(model, opt, sched, acc, steps: int) -> None:
     for _ in range(steps):
         x = torch.randn(16, 8)
@@ -253,13 +269,13 @@ def test_per_rank_objects_round_trip(acc, tmp_path):
     local(torch.randn(2, 3)).sum().backward()
     local_opt.step()
     cm = CheckpointManager(tmp_path)
-    path = cm.save(1, acc, {}, per_rank={"fc": local, "fc_opt": local_opt})
-    assert (path / "rank_local_fc_00000.pt").is_file()
+    path = cm.save(1, acc, {}, stateful={"fc": PerRank(local), "fc_opt": PerRank(local_opt)})
+    assert (path / "fc_00000.pt").is_file() and (path / "fc_opt_00000.pt").is_file()
     expected = clone_state(local.state_dict()), clone_state(local_opt.state_dict())
     with torch.no_grad():
         local.weight.add_(1.0)
     local_opt.state.clear()
-    cm.load(path, acc, per_rank={"fc": local, "fc_opt": local_opt})
+    cm.load(path, acc, stateful={"fc": PerRank(local), "fc_opt": PerRank(local_opt)})
     assert_same(local.state_dict(), expected[0])
     assert_same(local_opt.state_dict(), expected[1])
     with pytest.raises(CheckpointError, match="per-rank objects"):
@@ -272,11 +288,13 @@ def test_write_failure_raises_and_keeps_previous_checkpoint(acc, tmp_path):
     good = cm.save(1, acc, {})
 
     class Broken:
+        per_rank = True
+
         def state_dict(self):
             raise OSError(errno.ENOSPC, "No space left on device")
 
     with pytest.raises(CheckpointError, match="rank 0 could not write its files .*ENOSPC, disk full"):
-        cm.save(2, acc, {}, per_rank={"shard": Broken()})
+        cm.save(2, acc, {}, stateful={"shard": Broken()})
     assert cm.latest() == good and not cm.path_for(2).exists()
     assert sorted(p.name for p in cm.root.iterdir()) == [good.name]  # the temp dir is gone
 
@@ -358,7 +376,7 @@ def full_checkpoint(acc, root: Path):
     local_opt = torch.optim.SGD(local.parameters(), lr=0.1, momentum=0.9)
     local(torch.randn(2, 3)).sum().backward()
     local_opt.step()
-    objs = dict(per_rank={"fc": local, "fc_opt": local_opt}, shared={"method": Buffers()})
+    objs = dict(stateful={"fc": PerRank(local), "fc_opt": PerRank(local_opt), "method": Buffers()})
     cm = CheckpointManager(root)
     return cm, cm.save(1, acc, {"epoch": 0}, **objs), objs
 
@@ -367,7 +385,7 @@ def full_checkpoint(acc, root: Path):
 def test_no_checkpoint_file_runs_code_when_resumed(acc, tmp_path, kind):
     cm, path, objs = full_checkpoint(acc, tmp_path / "run")
     files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
-    assert {"model.safetensors", "optimizer.pt", "shared_method.pt", "rank_local_fc_00000.pt"} <= set(files)
+    assert {"model.safetensors", "optimizer.pt", "shared_method.pt", "fc_00000.pt"} <= set(files)
     for rel in files:
         case = tmp_path / "case"
         shutil.rmtree(case, ignore_errors=True)
@@ -423,6 +441,21 @@ def test_edited_step_in_the_trainer_state_is_refused(acc, tmp_path):
         assert str(err.value).startswith(f"{state}: {why}"), str(err.value)
 
 
+def test_checkpoint_of_an_older_format_is_a_one_line_error(acc, tmp_path):
+    """Format 2 kept rank-local state in three files per rank (local_modules / local_optimizer /
+    local_scheduler); format 3 holds it as one object per rank."""
+    make(acc)
+    cm = CheckpointManager(tmp_path)
+    path = cm.save(1, acc, {})
+    state = path / "trainer_state.json"
+    record = json.loads(state.read_text())
+    state.write_text(json.dumps({**record, "meta": {**record["meta"], "format_version": 2}}))
+    with pytest.raises(CheckpointError) as err:
+        cm.load(path, acc)
+    assert str(err.value) == (f"{state}: format_version 2 != 3 (rank-local state in three files per rank, now one "
+                              "object per rank); resume=none starts over")
+
+
 @pytest.fixture
 def tiny_disk():
     """(dir, mounted): a 1 MiB tmpfs when this process may mount one (root, as on the build
@@ -457,7 +490,7 @@ def test_disk_full_during_save_names_enospc_and_keeps_the_previous(acc, tmp_path
         monkeypatch.setattr(cio, "open", lambda p, mode="r", *a, **k: FullDisk(p, "wb") if "w" in mode
                             else real_open(p, mode, *a, **k), raising=False)
     with pytest.raises(CheckpointError) as err:
-        cm.save(2, acc, {}, per_rank={"big": big})
+        cm.save(2, acc, {}, stateful={"big": PerRank(big)})
     msg = str(err.value)
     assert "no space left on device (ENOSPC, disk full" in msg and "\n" not in msg, msg
     assert msg.endswith("the previous checkpoint is intact")

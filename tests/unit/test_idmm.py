@@ -278,6 +278,14 @@ def test_out_of_range_instance_id_is_a_clear_error():
 
 
 # ----------------------------------------------------------------------------- rank-local state
+def _rank_local(method, lr=0.1):
+    """IDMM's classifier as the engine holds it: with its own AdamW and (constant) schedule."""
+    from dist_ssl.parallel.rank_local import RankLocalState
+
+    opt = torch.optim.AdamW([method.classifier.weight], lr=lr, weight_decay=0.05)
+    return RankLocalState(method.named_local_modules(), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+
+
 def test_reshard_from_two_ranks_equals_one_rank_including_adamw_state():
     full = make_idmm()
     shards = [make_idmm(world_size=2, rank=r) for r in range(2)]
@@ -286,37 +294,35 @@ def test_reshard_from_two_ranks_equals_one_rank_including_adamw_state():
     grad = torch.randn(N, full.classifier.dim)
 
     def adamw_step(method, rows):
-        opt = torch.optim.AdamW([method.classifier.weight], lr=0.1, weight_decay=0.05)
+        state = _rank_local(method)
         method.classifier.weight.grad = grad[rows].clone()
-        opt.step()
-        return opt
+        state.step()
+        return state
 
-    ref_opt = adamw_step(full, slice(None))
-    opts = [adamw_step(s, slice(s.classifier.shard_start, s.classifier.shard_start + s.classifier.n_local))
-            for s in shards]
+    ref = adamw_step(full, slice(None))
+    saved = [adamw_step(s, slice(s.classifier.shard_start, s.classifier.shard_start + s.classifier.n_local)).state_dict()
+             for s in shards]
     target = make_idmm()
-    new_opt = torch.optim.AdamW([target.classifier.weight], lr=0.1, weight_decay=0.05)
-    target.load_local_state_dict(target.reshard_local_state("local_modules", [s.local_state_dict() for s in shards]))
-    new_opt.load_state_dict(target.reshard_local_state("local_optimizer", [o.state_dict() for o in opts]))
+    new = _rank_local(target)
+    new.load_all_ranks(saved)
     torch.testing.assert_close(target.classifier.weight, full.classifier.weight, rtol=0, atol=0)
     for key in ("exp_avg", "exp_avg_sq", "step"):
-        torch.testing.assert_close(new_opt.state[target.classifier.weight][key],
-                                   ref_opt.state[full.classifier.weight][key], rtol=0, atol=0)
+        torch.testing.assert_close(new.optimizer.state[target.classifier.weight][key],
+                                   ref.optimizer.state[full.classifier.weight][key], rtol=0, atol=0)
+    assert new.scheduler.last_epoch == ref.scheduler.last_epoch == 1
     # and back: one rank's state split for rank 1 of 2
     back = make_idmm(world_size=2, rank=1)
-    back.load_local_state_dict(back.reshard_local_state("local_modules", [target.local_state_dict()]))
+    _rank_local(back).load_all_ranks([new.state_dict()])
     torch.testing.assert_close(back.classifier.weight, shards[1].classifier.weight, rtol=0, atol=0)
 
 
 def test_checkpoint_of_another_training_set_is_a_clear_error():
     m = make_idmm()
     other = build_method(IDMMConfig(global_size=16, local_size=8, seed=3), make_ctx(num_samples=N + 1))
-    with pytest.raises(ValueError, match="N=38 classes but data.train has 37 images"):
-        m.load_local_state_dict(other.local_state_dict())
+    with pytest.raises(ValueError, match="'classifier': the checkpoint's classifier has N=38 classes, this run's has 37"):
+        _rank_local(m).load_state_dict(_rank_local(other).state_dict())
     with pytest.raises(ValueError, match="N=38 classes"):
-        m.reshard_local_state("local_modules", [other.local_state_dict()])
-    with pytest.raises(KeyError):
-        m.reshard_local_state("something_else", [{}])
+        _rank_local(m).load_all_ranks([_rank_local(other).state_dict()])
 
 
 def test_engine_exports_only_the_backbone_of_a_wrapping_student():
@@ -355,7 +361,7 @@ def test_classifier_lr_scale_reaches_the_rank_local_optimizer_only(fmnist2k_shar
                            f"method.classifier_lr_scale={scale}"])
         parts = build_run(cfg)
         return ([g["lr"] for g in parts.optimizer.param_groups],
-                [g["lr"] for g in parts.local_optimizer.param_groups], parts.lr)
+                [g["lr"] for g in parts.rank_local.optimizer.param_groups], parts.lr)
 
     dp1, local1, lr = lrs(1.0)
     dp7, local7, _ = lrs(7.0)

@@ -325,22 +325,29 @@ def _export_tool():
 
 
 def test_export_fc_tool_assembles_the_full_weight(tmp_path):
+    import json
+
     from safetensors.torch import load_file
+
+    from dist_ssl.parallel.rank_local import RankLocalState
 
     tool = _export_tool()
     ckpt = tmp_path / "step_00000010"
     ckpt.mkdir()
-    for r in range(3):  # as the engine writes IDMM's local_state_dict, one file per rank
-        state = {"classifier": ShardedLinear(1001, 4, rank=r, world_size=3, seed=2, bias=True).sharded_state_dict()}
-        torch.save(state, ckpt / f"rank_local_local_modules_{r:05d}.pt")
+    (ckpt / "trainer_state.json").write_text(json.dumps({"meta": {"num_processes": 3, "per_rank": ["rank_local"]}}))
+    for r in range(3):  # as the engine writes IDMM's rank-local state, one file per rank
+        fc = ShardedLinear(1001, 4, rank=r, world_size=3, seed=2, bias=True)
+        opt = torch.optim.AdamW(fc.parameters())
+        state = RankLocalState({"classifier": fc}, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+        torch.save(state.state_dict(), ckpt / f"rank_local_{r:05d}.pt")
     out = tmp_path / "fc.safetensors"
     assert tool.main([str(ckpt), str(out)]) == 0
     got = load_file(out)
     assert torch.equal(got["weight"], ShardedLinear(1001, 4, seed=2).weight.detach())
     assert got["bias"].shape == (1001,)
     assert not list(tmp_path.glob(".fc.safetensors.*"))  # no temp file left behind
-    with pytest.raises(SystemExit, match="no key"):
+    with pytest.raises(SystemExit, match="no rank-local module 'head'"):
         tool.main([str(ckpt), str(out), "--key", "head"])
-    (ckpt / "rank_local_local_modules_00001.pt").unlink()
+    (ckpt / "rank_local_00001.pt").unlink()
     with pytest.raises(SystemExit, match="missing"):
         tool.main([str(ckpt), str(tmp_path / "again.safetensors")])
