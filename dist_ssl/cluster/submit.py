@@ -22,6 +22,7 @@ from typing import Optional
 
 from dist_ssl.cluster.sbatch import Element, JobSpec, log_dir, render
 from dist_ssl.atomic import atomic_write_bytes, atomic_write_json
+from dist_ssl.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 _JOB_ID = re.compile(r"^\d+(_\d+)?$")
@@ -30,7 +31,7 @@ _BACKEND_CONFIG = {"auto": "ddp", "ddp": "ddp", "fsdp2": "fsdp2", "zero1": "zero
                    "zero3": "zero3"}
 
 
-class SubmitError(Exception):
+class SubmitError(UserError):
     """A bad argument or a failed submission: one line for the user."""
 
 

@@ -28,12 +28,10 @@ from dist_ssl.engine.schedules import cosine
 from dist_ssl.engine.setup import RunParts, build_run, run_name
 from dist_ssl.parallel.accelerator import describe
 from dist_ssl.atomic import atomic_write_json
-from dist_ssl.models.export import HEAD_FILE, export_backbone, export_head
+from dist_ssl.models.export import export_backbone, export_head
+from dist_ssl.run_files import BACKBONE_FILE, CONFIG_FILE, EVAL_FILE, HEAD_FILE, RUN_INFO_FILE
 
 log = logging.getLogger(__name__)
-BACKBONE_FILE = "backbone.safetensors"
-EVAL_FILE = "eval.json"
-RUN_INFO_FILE = "run.json"  # derived values of this launch: backend, world size, lr, steps
 
 
 class _StateAdapter:
@@ -103,7 +101,7 @@ class Trainer:
         """Train to the end (0) or until preempted (REQUEUE_EXIT_CODE, after a checkpoint)."""
         acc, parts = self.parts.accelerator, self.parts
         if self.is_main:
-            save_config(self.cfg, self.out / "config.yaml")
+            save_config(self.cfg, self.out / CONFIG_FILE)
             atomic_write_json(self.out / RUN_INFO_FILE, self.run_info())
         self._maybe_resume()
         self.sinks.rewind(self.step)  # rows of steps after the checkpoint are redone: one row per step

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from dist_ssl.config.errors import ConfigError
 from dist_ssl.config.registry import register_section
+from dist_ssl.run_files import METRICS_LOG_FILE
 
 from .jsonl import JSONLSink
 from .prometheus import PrometheusSink, prometheus_port
@@ -20,7 +21,7 @@ __all__ = ["MetricsConfig", "build_sinks"]
 class MetricsConfig:
     """Where metrics go. JSONL is always on (rank 0); the others are opt-in."""
 
-    jsonl_name: str = field(default="log.jsonl", metadata={"help": "JSONL file name inside the run dir"})
+    jsonl_name: str = field(default=METRICS_LOG_FILE, metadata={"help": "JSONL file name inside the run dir"})
     tensorboard: bool = field(default=False, metadata={"help": "also write TensorBoard events to <run_dir>/tb"})
     prometheus: bool = field(default=False, metadata={"help": "serve per-rank Prometheus gauges over HTTP"})
     prometheus_port_base: int = field(
