@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from dist_ssl.data.errors import DataError
 from dist_ssl.data.loader import build_train_loader
 from dist_ssl.data.views import CropGroup, ViewSpec
+from dist_ssl.errors import UserError, exit_with_message
 from dist_ssl.models.tokenizers import (
     KINDS, kmeans_codebook, patchify, random_patches_codebook, random_projection_codebook,
     save_codebook)
@@ -95,9 +95,8 @@ def main(argv=None) -> int:
         if args.vocab < 1 or args.patch_size < 1 or args.img_size % args.patch_size:
             raise ValueError("--vocab and --patch-size must be positive and divide --img-size")
         codebook, meta = fit(args)
-    except (ValueError, DataError, OSError) as exc:
-        print(f"fit_tokenizer.py: error: {exc}", file=sys.stderr)
-        return 2
+    except (UserError, ValueError, OSError) as exc:  # ValueError: its own argument checks
+        return exit_with_message("fit_tokenizer.py", exc)
     path = save_codebook(args.out, codebook, meta)
     log.info("wrote %s codebook [%d, %d] to %s in %.1f s", args.kind, *codebook.shape, path,
              time.perf_counter() - t0)

@@ -1,6 +1,6 @@
-"""Command line of ``tools/eval.py``: k-NN and linear-probe accuracy of a frozen backbone.
+"""`dist-ssl-eval` (also ``tools/eval.py``): k-NN and linear-probe accuracy of a frozen backbone.
 
-    python tools/eval.py (--backbone RUN_DIR|FILE.safetensors | --random ARCH --in-chans C --img-size S --out F)
+    dist-ssl-eval (--backbone RUN_DIR|FILE.safetensors | --random ARCH --in-chans C --img-size S --out F)
         --train SHARDS --test SHARDS
         [--img-size S] [--methods knn,linear] [--knn-k 20] [--knn-t 0.07]
         [--linear-epochs 100] [--linear-wd 1e-4[,1e-3,...]] [--batch-size 256] [--workers 2]
@@ -25,9 +25,9 @@ import torch
 import torch.distributed as dist
 
 from dist_ssl.atomic import atomic_write_json
-from dist_ssl.data.errors import DataError
 from dist_ssl.data.loader import build_eval_loader
 from dist_ssl.data.manifest import load_manifest
+from dist_ssl.errors import UserError, exit_with_message
 from dist_ssl.eval.features import (EvalError, extract_features, first_line, load_frozen_backbone,
                                     resolve_backbone_path, save_features)
 from dist_ssl.eval.knn import knn_accuracy
@@ -222,9 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"{PROG}: %(message)s", stream=sys.stderr)
     try:
         return _run(args)
-    except (EvalError, DataError, OSError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+    except (UserError, OSError) as e:
+        return exit_with_message(PROG, e)
 
 
 if __name__ == "__main__":
