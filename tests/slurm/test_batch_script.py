@@ -254,3 +254,27 @@ def test_usr1_to_the_batch_shell_reaches_the_launchers_and_requeues(stubs):
     assert proc.returncode == 0, out
     assert "USR1: asking the trainers to checkpoint" in out and "requeueing job 4242" in out
     assert (stubs / "scontrol.log").read_text() == "requeue 4242\n"
+
+
+def test_short_names_are_found_beside_the_recipe_or_in_the_working_directory(tmp_path):
+    """An installed package has no checkout around it: ``--env-file NAME`` and the default
+    launcher config come from the recipe's folder or one above it, else from the cwd."""
+    project = tmp_path / "project"
+    (project / "recipes" / "accelerate").mkdir(parents=True)
+    (project / "recipes" / "accelerate" / "ddp.yaml").write_text("distributed_type: MULTI_GPU\n")
+    recipe = project / "recipes" / "mine.yaml"
+    recipe.write_text(RECIPE.read_text())
+    (tmp_path / "slurm_setup" / "env").mkdir(parents=True)  # the cwd's, not the recipe's
+    (tmp_path / "slurm_setup" / "env" / "here.sh").write_text("export HERE=1\n")
+    out, err = io.StringIO(), io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = submit_main([str(recipe), f"output_dir={tmp_path / 'run'}", "--env-file", "here", "--dry-run"])
+            missing = submit_main([str(recipe), "--env-file", "example_gpu", "--dry-run"])  # only in the repo
+    finally:
+        os.chdir(cwd)
+    assert code == 0, err.getvalue()
+    assert f"    --config_file {project}/recipes/accelerate/ddp.yaml \\" in out.getvalue().splitlines()
+    assert missing == 2 and "submit.py: error: --env-file: no such file 'example_gpu'" in err.getvalue()

@@ -85,3 +85,14 @@ def test_usr1_to_the_whole_step_becomes_sigterm_for_trainers_only(tmp_path):
         result = json.loads((tmp_path / f"result.{rank}").read_text())
         assert result == {"signals": [signal.SIGTERM], "child_alive": True}, (rank, out[-3000:])
     assert "--machine_rank 0" in out  # filled in from SLURM_NODEID
+
+
+def test_one_process_runs_a_module_directly(tmp_path, monkeypatch):
+    """1 node x 1 process: no launcher, ``python -m MODULE ARGS`` (the batch script's
+    ``accelerate launch -m dist_ssl.engine.cli_train`` form), exit code passed through."""
+    from dist_ssl.slurm.node_launch import run_accelerate
+
+    monkeypatch.setenv("SLURM_NNODES", "1")
+    (tmp_path / "exit_with.py").write_text("import sys; sys.exit(int(sys.argv[1]))\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    assert run_accelerate(["--num_machines", "1", "--num_processes", "1", "-m", "exit_with", "7"]) == 7
