@@ -7,7 +7,8 @@ installed, while a module path works wherever ``import dist_ssl`` does. Nothing 
 (the modules are heavy); tests check that each path imports and has a ``main``.
 
 The user-facing command lines follow one scheme: ``dist_ssl/<package>/cli_<command>.py`` with
-a ``main(argv) -> int``, installed as the console script ``dist-ssl-<command>`` (pyproject.toml).
+a ``main(argv) -> int``, installed as the console script ``dist-ssl-<command>`` (pyproject.toml;
+``_`` in the module name is ``-`` in the command).
 """
 
 TRAIN_MODULE = "dist_ssl.engine.cli_train"        # dist-ssl-train

@@ -3,7 +3,7 @@
 Checked without installing anything (the dev venv is an editable install of another checkout):
 each console script is read from pyproject.toml, its module imported in this process and its
 ``main(["--help"])`` run. The naming scheme is ``dist-ssl-<command>`` ->
-``dist_ssl.<package>.cli_<command>:main``, both ways: a new cli_*.py without a console script
+``dist_ssl.<package>.cli_<command>:main`` (``-`` as ``_``), both ways: a new cli_*.py without a console script
 fails here, and so does package code that finds files through its own location.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _cli_modules() -> set[str]:
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_console_script_imports_and_its_help_exits_0(script):
     module_name, _, func = SCRIPTS[script].partition(":")
-    command = script.removeprefix("dist-ssl-")
+    command = script.removeprefix("dist-ssl-").replace("-", "_")
     assert re.fullmatch(rf"dist_ssl\.\w+\.cli_{command}", module_name) and func == "main", \
         f"{script} = {SCRIPTS[script]!r}: expected dist_ssl.<package>.cli_{command}:main"
     main = getattr(importlib.import_module(module_name), func)
