@@ -176,7 +176,7 @@ class Context:
     workdir: Path
     python: str
     resolved: dict
-    experiment_file: Path  # short --env-file names are looked up beside it
+    anchors: tuple  # the experiment file and its recipes: short --env-file names are found beside them
     env_files: dict = field(default_factory=dict)  # source path -> copy in sub_dir
 
     def output(self, job: ArrayJob) -> str:
@@ -186,7 +186,7 @@ class Context:
         if not slurm.env_file:
             return None
         try:
-            source = resolve_env_file(slurm.env_file, self.experiment_file)
+            source = resolve_env_file(slurm.env_file, *self.anchors)
         except SubmitError as e:
             raise ExperimentError(str(e)) from None
         return self.env_files.setdefault(source, self.sub_dir / f"env{len(self.env_files)}.sh")
@@ -224,7 +224,8 @@ def submit_plan(plan: Plan, cli: dict, dry_run: bool, out: Optional[TextIO] = No
     while sub_dir.exists():
         n += 1
         sub_dir = exp.root / "slurm" / f"{stamp}-{n}"
-    ctx = Context(exp.name, sub_dir, Path.cwd(), cli.pop("python", None) or sys.executable, resolved, exp.path)
+    ctx = Context(exp.name, sub_dir, Path.cwd(), cli.pop("python", None) or sys.executable, resolved,
+                  (exp.path, *(s.recipe for s in plan.stages if s.recipe is not None)))
     for job in jobs:
         slurm = dataclasses.replace(exp.slurm_for(job.kind), **{k: v for k, v in cli.items() if v is not None})
         job.script = sub_dir / f"{job.label}.sbatch"

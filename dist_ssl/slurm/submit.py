@@ -96,32 +96,35 @@ def plan_elements(recipe: Path, overrides: list[str], arrays: list[str]) -> tupl
 
 
 
-def find_near(near: Path, relative: Path) -> Optional[Path]:
-    """``relative`` under ``near``'s folder or one above it (a recipe inside a checkout finds the
-    checkout's files), else under the working directory; None if neither has it."""
-    for folder in (*Path(near).resolve().parents, Path.cwd()):
+def find_near(relative: Path, *anchors: Path) -> Optional[Path]:
+    """``relative`` under the folder of an anchor file (a recipe, an experiment file) or a folder
+    above it, so a file inside a checkout finds the checkout's files; else under the working
+    directory. None if nowhere."""
+    folders = [folder for anchor in anchors for folder in Path(anchor).resolve().parents]
+    for folder in (*dict.fromkeys(folders), Path.cwd()):
         if (folder / relative).is_file():
             return folder / relative
     return None
 
 
-def resolve_env_file(value: Optional[str], near: Path) -> Optional[Path]:
-    """``--env-file``: a path, or a name in slurm_setup/env/ found from ``near`` (see find_near)."""
+def resolve_env_file(value: Optional[str], *anchors: Path) -> Optional[Path]:
+    """``--env-file``: a path, or a name in slurm_setup/env/ found from ``anchors`` (find_near)."""
     if not value:
         return None
     path = Path(value)
     if not path.is_file() and "/" not in value:
-        path = find_near(near, ENV_DIR / (value if value.endswith(".sh") else value + ".sh")) or path
+        path = find_near(ENV_DIR / (value if value.endswith(".sh") else value + ".sh"), *anchors) or path
     if not path.is_file():
-        raise SubmitError(f"--env-file: no such file {value!r} (nor in {ENV_DIR}/ beside {near} or here)")
+        raise SubmitError(f"--env-file: no such file {value!r} (nor in {ENV_DIR}/ above "
+                          f"{Path(anchors[0]).parent if anchors else '-'} or in the working directory)")
     return path.resolve()
 
 
-def default_accelerate_config(backend: str, near: Path) -> Path:
+def default_accelerate_config(backend: str, *anchors: Path) -> Path:
     """The launcher config of a ``parallel.backend`` (ddp for auto): recipes/accelerate/<name>.yaml
-    found from ``near``; the not-found path when nowhere (callers say so)."""
+    found from ``anchors`` (find_near); the relative path when nowhere (callers say so)."""
     relative = LAUNCH_CONFIG_DIR / f"{_BACKEND_CONFIG[backend]}.yaml"
-    return find_near(near, relative) or relative
+    return find_near(relative, *anchors) or relative
 
 
 def accelerate_config(value: Optional[str], cfg, recipe: Path) -> Path:
