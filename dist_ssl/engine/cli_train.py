@@ -32,7 +32,7 @@ THIRD_PARTY_LOGGERS = ("accelerate", "DeepSpeed", "deepspeed", "torch.distribute
 # path that is the configuration asked for, not news.
 _EXPECTED_NOISE = ("Setting accelerator to CPU",)
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dist_ssl.engine.cli_train")  # not __name__: "__main__" under python -m
 
 
 def _rank() -> int:
