@@ -8,6 +8,7 @@ fails here, and so does package code that finds files through its own location.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib
 import io
@@ -59,3 +60,15 @@ def test_package_code_finds_no_file_through_its_own_location():
                  for i, line in enumerate(p.read_text().splitlines(), 1)
                  if re.search(r"parents\[\d+\]|__file__\)?\.(?:resolve\(\)\.)?parent", line)]
     assert offenders == []
+
+
+@pytest.mark.parametrize("tool", sorted(p.name for p in (REPO / "tools").glob("*.py")))
+def test_tools_are_thin_wrappers_of_a_console_script(tool):
+    """tools/<name>.py (for a checkout that is not installed) only imports a command's main."""
+    tree = ast.parse((REPO / "tools" / tool).read_text())
+    body = [node for node in tree.body if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))]
+    froms = [node.module for node in body if isinstance(node, ast.ImportFrom)]
+    targets = {target.partition(":")[0] for target in SCRIPTS.values()}
+    assert len(froms) == 1 and froms[0] in targets, f"{tool}: imports {froms}, expected one of {sorted(targets)}"
+    assert all(isinstance(node, (ast.Import, ast.ImportFrom, ast.If)) for node in body), \
+        f"{tool}: code beyond the imports and the __main__ guard belongs in the package"
