@@ -33,11 +33,11 @@ if [ -z "${FASHION_MNIST_DIR:-}" ] && [ ! -f "$fmnist_default/train-images-idx3-
     fi
 fi
 # Opt-in (DIST_SSL_INSTALL_SLURM=1, set by .ci/run): Debian's slurm-wlm + munge for the tests in
-# tests/cluster/, which start a private two-node SLURM with cluster/local_slurm.sh (root only).
+# tests/slurm/, which start a private two-node SLURM with slurm_setup/local_slurm.sh (root only).
 install_slurm() {
     [ "${DIST_SSL_INSTALL_SLURM:-0}" = 1 ] || return 0
     echo "[install] SLURM packages (slurmctld slurmd slurm-client munge) if missing"
-    bash "$repo/cluster/local_slurm.sh" install \
+    bash "$repo/slurm_setup/local_slurm.sh" install \
         || echo "[install] WARNING: SLURM could not be installed; the SLURM tests will skip" >&2
 }
 install_slurm

@@ -5,8 +5,10 @@ from __future__ import annotations
 import difflib
 from typing import Iterable
 
+from dist_ssl.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config problem; `str()` is one line: '<key.path>: <what is wrong>'."""
 
     def __init__(self, key: str, message: str):

@@ -29,6 +29,7 @@ from PIL import Image
 from dist_ssl.data.canonical_image import canonical_image, exif_orientation, upright_size
 from dist_ssl.data.images import IMAGE_EXTS
 from dist_ssl.data.sample_checks import DUPLICATE, member_key
+from dist_ssl.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ SKIPPED = object()  # placeholder for a sample whose bytes were not read (resume
 _IMAGE_EXTS = IMAGE_EXTS | {"jpeg", "tif"}
 
 
-class SampleError(ValueError):
+class SampleError(UserError, ValueError):
     """A sample whose image, ``cls`` or ``idx`` is missing or does not decode."""
 
 

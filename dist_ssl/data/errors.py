@@ -4,8 +4,10 @@ The CLI prints ``make_shards: error: <message>`` for any :class:`DataError` and 
 non-zero without a traceback, so messages name the file/argument and the problem.
 """
 
+from dist_ssl.errors import UserError
 
-class DataError(Exception):
+
+class DataError(UserError):
     """Base class: a problem with the input data, the arguments or an output directory."""
 
 

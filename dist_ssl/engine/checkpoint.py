@@ -52,6 +52,7 @@ from dist_ssl.engine.rng_state import load_rng_state, save_rng_state
 from dist_ssl.engine.safe_load import deepspeed_globals, parse_problem, safe_torch_load
 from dist_ssl.parallel.accelerator import describe
 from dist_ssl.parallel.collectives import all_gather_object, broadcast_object
+from dist_ssl.run_files import CHECKPOINTS_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class CheckpointManager:
     def __init__(self, output_dir: Path, keep_last: int = 3):
         if keep_last < 0:
             raise ValueError(f"keep_last: must be >= 0 (0 = keep all), got {keep_last}")
-        self.root = Path(output_dir) / "checkpoints"
+        self.root = Path(output_dir) / CHECKPOINTS_DIR
         self.keep_last = keep_last
 
     def path_for(self, step: int) -> Path:

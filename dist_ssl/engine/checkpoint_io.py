@@ -26,13 +26,14 @@ import torch
 from accelerate.utils import DistributedType
 from torch.distributed.checkpoint.api import CheckpointException as DCPException  # a BaseException
 
+from dist_ssl.errors import UserError
 from dist_ssl.engine.safe_load import SafeFileSystemReader, SafeLoadPlanner, deepspeed_loads, safe_torch_load
 
 __all__ = ["CheckpointError", "DCPException", "root_cause", "one_line", "write_error", "torch_save", "restoring",
            "save_training_state", "load_training_state", "model_file"]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, corrupt, unsafe or incompatible; the message names the file."""
 
 

@@ -27,11 +27,13 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
+from dist_ssl.errors import UserError
+
 __all__ = ["UnsafeFileError", "safe_torch_load", "RestrictedUnpickler", "SafeFileSystemReader",
            "SafeLoadPlanner", "deepspeed_globals", "deepspeed_loads", "parse_problem"]
 
 
-class UnsafeFileError(ValueError):
+class UnsafeFileError(UserError, ValueError):
     """A checkpoint file holds a pickled object outside the allow-list (never built)."""
 
 

@@ -30,12 +30,10 @@ from dist_ssl.methods.base import MethodState
 from dist_ssl.parallel.accelerator import describe
 from dist_ssl.parallel.rank_local import STATE_NAME as RANK_LOCAL
 from dist_ssl.atomic import atomic_write_json
-from dist_ssl.models.export import HEAD_FILE, export_backbone, export_head
+from dist_ssl.models.export import export_backbone, export_head
+from dist_ssl.run_files import BACKBONE_FILE, CONFIG_FILE, EVAL_FILE, HEAD_FILE, RUN_INFO_FILE
 
 log = logging.getLogger(__name__)
-BACKBONE_FILE = "backbone.safetensors"
-EVAL_FILE = "eval.json"
-RUN_INFO_FILE = "run.json"  # derived values of this launch: backend, world size, lr, steps
 
 
 def _backbone_state(state: dict, student, backbone) -> dict:
@@ -80,7 +78,7 @@ class Trainer:
         try:
             self._maybe_resume()  # first: a refused resume leaves the run dir as it was
             if self.is_main:
-                save_config(self.cfg, self.out / "config.yaml")
+                save_config(self.cfg, self.out / CONFIG_FILE)
                 atomic_write_json(self.out / RUN_INFO_FILE, self.run_info())
             self.sinks.rewind(self.step)  # rows of steps after the checkpoint are redone: one row per step
             progress = Progress(parts.total_steps, enabled=self.is_main, start=self.step)

@@ -1,6 +1,7 @@
 """Frozen-backbone evaluation: feature extraction over ranks, weighted k-NN, linear probe.
 
-Entry point: ``tools/eval.py`` (:mod:`dist_ssl.eval.cli`).
+Entry points: ``dist-ssl-eval`` / ``tools/eval.py`` (:mod:`dist_ssl.eval.cli_eval`) and
+``dist-ssl-tsne`` / ``tools/tsne.py`` (:mod:`dist_ssl.eval.cli_tsne`).
 """
 from .features import EvalError, extract_features, load_frozen_backbone, save_features
 from .knn import knn_accuracy, knn_votes, rank_classes, topk_accuracy

@@ -19,19 +19,20 @@ import torch.distributed as dist
 from torch import nn
 
 from dist_ssl.atomic import atomic_save_safetensors
+from dist_ssl.errors import UserError
 from dist_ssl.models import (ModelConfig, create_backbone, load_backbone_file,  # registers
                              load_backbone_state, read_export_metadata,  # the small ViTs
                              timm_pretrained_kwargs)
 from dist_ssl.parallel.collectives import all_gather_cat, is_dist
+from dist_ssl.run_files import BACKBONE_FILE
 
 __all__ = ["BACKBONE_FILE", "EvalError", "extract_features", "gather_sorted", "local_features",
            "load_frozen_backbone", "resolve_backbone_path", "save_features"]
 
 log = logging.getLogger(__name__)
-BACKBONE_FILE = "backbone.safetensors"  # what a training run writes into its run dir
 
 
-class EvalError(Exception):
+class EvalError(UserError):
     """A problem with the evaluation inputs; the message is one line meant for a user."""
 
 

@@ -25,9 +25,9 @@ from typing import Optional, Union
 
 from dist_ssl.experiments.spec import (EvalStage, Experiment, ExperimentError, TrainStage, row_name,
                                        substitute)
+from dist_ssl.run_files import PROBE_FILE as EVAL_OUT  # the eval stage's metrics file
 
 INIT_KEY = "method.init_from"
-EVAL_OUT = "eval_probe.json"  # tools/eval.py's metrics file, written into the eval stage's dir
 
 
 @dataclass(eq=False)

@@ -1,9 +1,10 @@
 """The command line of a stage run, exactly as `run` executes it and prints it.
 
-Training: 1 process -> ``python tools/train.py RECIPE overrides...``; more ->
-``accelerate launch --config_file C --num_processes P --main_process_port PORT tools/train.py ...``
+Training: 1 process -> ``python -m dist_ssl.engine.cli_train RECIPE overrides...``; more ->
+``accelerate launch --config_file C --num_processes P --main_process_port PORT -m dist_ssl.engine.cli_train ...``
 (a free port per launch: other jobs on the machine may hold accelerate's default 29500).
-Evaluation: ``python tools/eval.py ...`` in one process. The environment of the experiment's
+Evaluation: ``python -m dist_ssl.eval.cli_eval ...`` in one process. Module paths, not files of
+a checkout: the same commands work with the package installed. The environment of the experiment's
 ``launch.env`` is added (and printed as ``K=V`` before the command).
 """
 from __future__ import annotations
@@ -13,12 +14,9 @@ import socket
 import sys
 from pathlib import Path
 
+from dist_ssl.entry_points import EVAL_MODULE, TRAIN_MODULE
 from dist_ssl.experiments.cells import StageRun
 from dist_ssl.experiments.spec import Launch
-
-REPO = Path(__file__).resolve().parents[2]
-TRAIN = REPO / "tools" / "train.py"
-EVAL = REPO / "tools" / "eval.py"
 
 
 def free_port() -> int:
@@ -35,8 +33,8 @@ def accelerate_executable() -> str:
 
 def stage_argv(stage: StageRun, launch: Launch, port: int | None = None) -> list[str]:
     if stage.is_eval:
-        return [sys.executable, str(EVAL), *stage.args]
-    script = [str(TRAIN), str(stage.recipe), *stage.args]
+        return [sys.executable, "-m", EVAL_MODULE, *stage.args]
+    script = ["-m", TRAIN_MODULE, str(stage.recipe), *stage.args]
     if launch.processes == 1:
         return [sys.executable, *script]
     config = Path(launch.accelerate_config).resolve()

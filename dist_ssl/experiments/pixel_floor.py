@@ -23,12 +23,13 @@ import numpy as np
 
 from dist_ssl.atomic import atomic_write_json
 from dist_ssl.experiments.spec import PixelFloor
+from dist_ssl.errors import UserError
 
 log = logging.getLogger(__name__)
 _GRAY = ("1", "L", "LA", "I", "I;16", "F")  # one-channel modes (a palette image "P" counts as RGB)
 
 
-class FloorError(ValueError):
+class FloorError(UserError, ValueError):
     """The floor cannot be computed (one line)."""
 
 

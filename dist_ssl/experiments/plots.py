@@ -19,6 +19,7 @@ from typing import Optional
 from dist_ssl.experiments.cells import Cell
 from dist_ssl.experiments.spec import Experiment, eval_expression, row_name
 from dist_ssl.experiments.table_rows import floor_rows, row_label
+from dist_ssl.run_files import METRICS_LOG_FILE, RUN_INFO_FILE
 
 
 def _pyplot():
@@ -51,7 +52,7 @@ def chance_value(expr: Optional[str], run_dir: Path) -> Optional[float]:
     if not expr:
         return None
     try:
-        info = json.loads((run_dir / "run.json").read_text())
+        info = json.loads((run_dir / RUN_INFO_FILE).read_text())
         return eval_expression(expr, {"N": info["num_samples"], "C": info["num_classes"]})
     except (OSError, ValueError, KeyError, TypeError, ArithmeticError):
         return None
@@ -64,7 +65,7 @@ def cell_curves(cell: Cell, path: Path) -> dict:
     for kind, stage in cell.stages.items():
         if stage.is_eval:
             continue
-        log = read_log(stage.run_dir / "log.jsonl")
+        log = read_log(stage.run_dir / METRICS_LOG_FILE)
         train, evals = log.get("train", {}), log.get("eval", {})
         if not train and not evals:
             continue

@@ -1,5 +1,5 @@
 """`tools/experiment.py submit`: the experiment's stage runs as SLURM job arrays with per-task
-dependencies, rendered through dist_ssl/cluster/ (training) and here (evaluations).
+dependencies, rendered through dist_ssl/slurm/ (training) and here (evaluations).
 
 One array per stage kind (array task = one stage run). A downstream array depends on its
 upstream array with ``--dependency=aftercorr:<id> --kill-on-invalid-dep=yes``: task i starts
@@ -26,14 +26,14 @@ from pathlib import Path
 from typing import Optional, TextIO
 
 from dist_ssl.atomic import atomic_write_bytes, atomic_write_json
-from dist_ssl.cluster.sbatch import Element, JobSpec, render, sbatch_value, slurm_filename
-from dist_ssl.cluster.submit import SubmitError, default_accelerate_config, resolve_env_file, submit
+from dist_ssl.entry_points import EVAL_MODULE
 from dist_ssl.experiments.cells import Plan, StageRun
-from dist_ssl.experiments.commands import EVAL, REPO
 from dist_ssl.experiments.spec import STAGES, ExperimentError, Slurm
 from dist_ssl.experiments.status import Resolved, resolve, state
+from dist_ssl.slurm.sbatch import Element, JobSpec, render, sbatch_value, slurm_filename
+from dist_ssl.slurm.submit import SubmitError, default_accelerate_config, resolve_env_file, submit
 
-RENDERED_BY = "tools/experiment.py submit"
+RENDERED_BY = "dist-ssl-experiment submit"
 
 
 @dataclass(eq=False)
@@ -114,7 +114,7 @@ def _accelerate_config(slurm: Slurm, job: ArrayJob, resolved: dict) -> Path:
         if len(backends) > 1:
             raise ExperimentError(f"{job.kind} runs use several parallel.backend values {sorted(backends)}: "
                                   "set slurm.accelerate_config (or per stage under slurm.stages)")
-        path = default_accelerate_config(backends.pop())
+        path = default_accelerate_config(backends.pop(), job.runs[0].recipe)
     if not path.is_file():
         raise ExperimentError(f"slurm accelerate config not found: {path}")
     return path.resolve()
@@ -125,7 +125,7 @@ def render_train(job: ArrayJob, slurm: Slurm, ctx: "Context") -> str:
                    elements=tuple(Element(r.run_dir, r.args, recipe=r.recipe) for r in job.runs),
                    script_path=job.script, nodes=slurm.nodes, procs_per_node=slurm.procs_per_node,
                    accelerate_config=_accelerate_config(slurm, job, ctx.resolved), python=ctx.python,
-                   repo=REPO, workdir=ctx.workdir, job_name=f"{ctx.name}.{job.label}", array=True,
+                   workdir=ctx.workdir, job_name=f"{ctx.name}.{job.label}", array=True,
                    partition=slurm.partition, time=slurm.time, gpus_per_node=slurm.gpus_per_node,
                    cpus_per_node=slurm.cpus_per_node, signal_seconds=slurm.signal_seconds,
                    max_requeues=slurm.max_requeues, env_file=ctx.env_copy(slurm),
@@ -134,7 +134,7 @@ def render_train(job: ArrayJob, slurm: Slurm, ctx: "Context") -> str:
 
 
 def render_eval(job: ArrayJob, slurm: Slurm, ctx: "Context") -> str:
-    """An array of `tools/eval.py` runs, one node and one task each (no preemption handling:
+    """An array of `dist-ssl-eval` runs, one node and one task each (no preemption handling:
     an evaluation is short and simply re-submitted)."""
     q = shlex.quote
     opts = [("job-name", f"{ctx.name}.{job.label}"), ("nodes", 1), ("ntasks", 1)]
@@ -156,7 +156,7 @@ def render_eval(job: ArrayJob, slurm: Slurm, ctx: "Context") -> str:
         lines.append(f"set +u; source {q(str(env))} || exit 1; set -u")
     lines += ['echo "[dist_ssl] eval task ${SLURM_ARRAY_TASK_ID} of job ${SLURM_JOB_ID} on $(hostname): $(date -Is)"',
               'mkdir -p "$RUN_DIR" || exit 1',
-              f'"$PYTHON" {q(str(EVAL))} "${{ARGS[@]}}"', "rc=$?",
+              f'"$PYTHON" -m {EVAL_MODULE} "${{ARGS[@]}}"', "rc=$?",
               'echo "[dist_ssl] exit code $rc: $(date -Is)"', 'exit "$rc"']
     return "\n".join(lines) + "\n"
 
@@ -176,6 +176,7 @@ class Context:
     workdir: Path
     python: str
     resolved: dict
+    anchors: tuple  # the experiment file and its recipes: short --env-file names are found beside them
     env_files: dict = field(default_factory=dict)  # source path -> copy in sub_dir
 
     def output(self, job: ArrayJob) -> str:
@@ -185,7 +186,7 @@ class Context:
         if not slurm.env_file:
             return None
         try:
-            source = resolve_env_file(slurm.env_file)
+            source = resolve_env_file(slurm.env_file, *self.anchors)
         except SubmitError as e:
             raise ExperimentError(str(e)) from None
         return self.env_files.setdefault(source, self.sub_dir / f"env{len(self.env_files)}.sh")
@@ -223,7 +224,8 @@ def submit_plan(plan: Plan, cli: dict, dry_run: bool, out: Optional[TextIO] = No
     while sub_dir.exists():
         n += 1
         sub_dir = exp.root / "slurm" / f"{stamp}-{n}"
-    ctx = Context(exp.name, sub_dir, Path.cwd(), cli.pop("python", None) or sys.executable, resolved)
+    ctx = Context(exp.name, sub_dir, Path.cwd(), cli.pop("python", None) or sys.executable, resolved,
+                  (exp.path, *(s.recipe for s in plan.stages if s.recipe is not None)))
     for job in jobs:
         slurm = dataclasses.replace(exp.slurm_for(job.kind), **{k: v for k, v in cli.items() if v is not None})
         job.script = sub_dir / f"{job.label}.sbatch"

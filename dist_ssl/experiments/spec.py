@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from dist_ssl.errors import UserError
+
 STAGES = ("pretrain", "finetune", "finetune_448", "eval")
 TRAIN_STAGES = STAGES[:3]
 CHAIN_UPSTREAM = {"finetune": "pretrain", "finetune_448": "finetune"}  # eval: its `of`
@@ -27,7 +29,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.]*$")
 _DATASET_TOKEN = "{dataset}"
 
 
-class ExperimentError(ValueError):
+class ExperimentError(UserError, ValueError):
     """A problem with the experiment file; ``str()`` is one line naming the key."""
 
 

@@ -29,10 +29,8 @@ import yaml
 from dist_ssl.atomic import atomic_write_json
 from dist_ssl.experiments.cells import EVAL_OUT, StageRun
 
-STATUS_FILE = "stage.json"
-LOG_FILE = "stage.log"
-EVAL_FILE = "eval.json"            # engine/trainer.py EVAL_FILE
-BACKBONE_FILE = "backbone.safetensors"
+from dist_ssl.run_files import BACKBONE_FILE, CHECKPOINTS_DIR, EVAL_FILE
+from dist_ssl.run_files import STAGE_LOG_FILE as LOG_FILE, STAGE_STATUS_FILE as STATUS_FILE
 
 
 @dataclass
@@ -83,7 +81,7 @@ def artifact_stamp(path: Optional[Path]) -> Optional[int]:
 
 
 def _has_progress(stage: StageRun, resolved: Resolved) -> bool:
-    ckpts = stage.run_dir / "checkpoints"
+    ckpts = stage.run_dir / CHECKPOINTS_DIR
     return resolved.artifact.is_file() or (ckpts.is_dir() and any(ckpts.glob("step_*")))
 
 

@@ -40,11 +40,11 @@ from dist_ssl.losses.drloc import drloc_loss
 from dist_ssl.methods.base import Method, MethodContext
 from dist_ssl.methods.configs.supervised import SupervisedConfig
 from dist_ssl.methods.registry import register_method
-from dist_ssl.models.export import HEAD_FILE, load_backbone_file, load_head_file, read_export_metadata
+from dist_ssl.models.export import load_backbone_file, load_head_file, read_export_metadata
 from dist_ssl.models.factory import create_backbone
 from dist_ssl.models.pos_embed import LoadReport, load_backbone_state
+from dist_ssl.run_files import BACKBONE_FILE, HEAD_FILE
 
-BACKBONE_FILE = "backbone.safetensors"  # what the engine exports into every run directory
 log = logging.getLogger(__name__)
 
 

@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from dist_ssl.atomic import atomic_save_safetensors
+from dist_ssl.run_files import HEAD_FILE  # re-exported: the classifier head, beside the backbone
 
 from .factory import classifier_names
 
@@ -51,7 +52,6 @@ __all__ = [
 ]
 
 PathLike = Union[str, os.PathLike]
-HEAD_FILE = "head.safetensors"  # the classifier head, written beside backbone.safetensors
 
 # DDP/DeepSpeed add "module." in front; torch.compile adds "_orig_mod." (also inside compiled
 # submodules); FSDP1 and activation checkpointing insert their wrapper names at any depth.

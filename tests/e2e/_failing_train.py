@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from dist_ssl.engine import trainer
-from dist_ssl.engine.run import main
+from dist_ssl.engine.cli_train import main
 
 FAIL_RANK = int(os.environ["DIST_SSL_TEST_FAIL_RANK"])
 FAIL_STEP = int(os.environ["DIST_SSL_TEST_FAIL_STEP"])

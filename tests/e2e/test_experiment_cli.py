@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dist_ssl.experiments.cli import main as experiment_main
+from dist_ssl.experiments.cli_experiment import main as experiment_main
 
 from .conftest import REPO, read_log, train_env
 

@@ -130,7 +130,7 @@ def test_a_rank_that_raises_ends_the_job_at_once_with_its_error_printed_once(tmp
     assert rc != 0 and took < 60, (rc, took)
     assert text.count("RuntimeError: injected failure on rank 0 at step 3") == 1, text[-4000:]
     assert text.count("[rank0] ERROR") == 1, text[-4000:]
-    assert "[rank0] ERROR dist_ssl.engine.run: rank 0 failed; stopping every rank" in text
+    assert "[rank0] ERROR dist_ssl.engine.cli_train: rank 0 failed; stopping every rank" in text
     # rank 1 says in one line why it stops (unless the launcher's SIGTERM got there first)
     rank1 = [ln for ln in text.splitlines() if "[rank1] ERROR" in ln]
     assert len(rank1) <= 1 and all("rank 1: stopping: a collective with the other ranks failed" in ln

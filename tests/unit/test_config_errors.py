@@ -1,6 +1,6 @@
 """Config mistakes that used to pass silently or end in a traceback: one line, exit 2.
 
-Through ``dist_ssl.engine.run.main`` (what tools/train.py runs) in this process: duplicate
+Through ``dist_ssl.engine.cli_train.main`` (what tools/train.py runs) in this process: duplicate
 recipe keys, override values with ' #', non-finite floats, reversed (lo, hi) ranges of every
 registered method, ``data.train=null``, and ``method.init_from`` files that are not safetensors
 or do not fit the model.
@@ -15,7 +15,7 @@ import torch
 from dist_ssl.config import ConfigError, load_config
 from dist_ssl.config.overrides import parse_override
 from dist_ssl.config.registry import load_builtin_sections, variants
-from dist_ssl.engine.run import main
+from dist_ssl.engine.cli_train import main
 from dist_ssl.methods import MethodContext, build_method
 from dist_ssl.methods.configs.base import MethodConfig
 from dist_ssl.models import ModelConfig, create_backbone, export_backbone

@@ -26,9 +26,9 @@ HEAVY = ("torch", "timm", "accelerate", "deepspeed")
 # `tools/submit.py --dry-run` (config -> SLURM batch script), then what got imported.
 LIGHT_PROBE = """
 import contextlib, io, json, sys
-from dist_ssl.cluster.submit import main as submit_main
+from dist_ssl.slurm.cli_submit import main as submit_main
 from dist_ssl.config import config_to_yaml, load_config
-from dist_ssl.engine.run import main as train_main
+from dist_ssl.engine.cli_train import main as train_main
 from dist_ssl.methods import method_names
 
 recipes, recipe, overrides, out_dir, heavy = json.loads(sys.argv[1])

@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dist_ssl.eval.cli import main
+from dist_ssl.eval.cli_eval import main
 from dist_ssl.models import ModelConfig, create_backbone, export_backbone
 from dist_ssl.models.export import read_export_metadata
 

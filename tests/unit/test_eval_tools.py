@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from dist_ssl.data.loader import build_eval_loader
-from dist_ssl.eval.cli import main
+from dist_ssl.eval.cli_eval import main
 from dist_ssl.eval.features import extract_features, gather_sorted, local_features
 from dist_ssl.eval.knn import knn_accuracy, knn_votes, rank_classes
 from dist_ssl.eval.linear_probe import LinearProbeConfig, linear_probe, train_linear

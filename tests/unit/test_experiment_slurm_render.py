@@ -2,7 +2,7 @@
 matching the upstream's for aftercorr, rounds where one run feeds several, done runs left out),
 and the rendered scripts (`--dry-run`): per-task recipes and overrides, dependencies, syntax,
 and an evaluation script run by bash with a stub python. The real chain on a real SLURM is in
-tests/cluster/test_experiment_slurm.py."""
+tests/slurm/test_experiment_slurm.py."""
 from __future__ import annotations
 
 import contextlib
@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 from dist_ssl.experiments.cells import build_plan
-from dist_ssl.experiments.cli import main as experiment_main
+from dist_ssl.experiments.cli_experiment import main as experiment_main
 from dist_ssl.experiments.slurm_submit import plan_arrays, todo_runs
 from dist_ssl.experiments.status import resolve
 from test_experiment_runner import fake_done  # tests/unit is on sys.path (pytest's prepend import)
@@ -133,7 +133,7 @@ def test_dry_run_renders_arrays_with_aftercorr(tmp_path):
     for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=4", "#SBATCH --partition=gpu",
                  "#SBATCH --time=2:00:00", "#SBATCH --array=0-3", f"#SBATCH --chdir={os.getcwd()}"):
         assert line in pre.splitlines(), line
-    assert '--num_processes "$((SLURM_NNODES * 4))"' in pre and 'tools/train.py "$RECIPE" "${OVERRIDES[@]}" &' in pre
+    assert '--num_processes "$((SLURM_NNODES * 4))"' in pre and '-m dist_ssl.engine.cli_train "$RECIPE" "${OVERRIDES[@]}" &' in pre
     # task i = pre-training run i, each with its own recipe and exact overrides
     order = ["a/idmm/seed0", "a/simclr/seed0", "a/idmm/seed1", "a/simclr/seed1"]
     recipes, overrides = _case_values(pre, "RECIPE"), _case_values(pre, "OVERRIDES")
@@ -172,7 +172,7 @@ def test_eval_script_runs_the_task_with_literal_arguments(tmp_path):
                           env=dict(os.environ, SLURM_ARRAY_TASK_ID="1", SLURM_JOB_ID="42"))
     assert proc.returncode == 0, proc.stderr
     run = build_plan(load(tmp_path, spec)).cells[2].stages["eval"]  # a/idmm/seed1
-    assert json.loads(record.read_text()) == [str(REPO / "tools" / "eval.py"), *run.args]
+    assert json.loads(record.read_text()) == ["-m", "dist_ssl.eval.cli_eval", *run.args]
     assert run.run_dir.is_dir() and not list(tmp_path.rglob("CANARY"))
 
 

@@ -52,7 +52,7 @@ def test_valid_file_loads(tmp_path):
     assert exp.methods["idmm"].chain() == ("pretrain", "finetune", "eval")
     assert exp.methods["scratch"].upstream("finetune") is None
     assert exp.methods["idmm"].upstream("finetune") == "pretrain"
-    assert exp.launch_for("finetune").processes == 1  # default: one process, python tools/train.py
+    assert exp.launch_for("finetune").processes == 1  # default: one process, python -m dist_ssl.engine.cli_train
     assert exp.pixel_floor is not None and exp.pixel_floor.C == 0.1
 
 
@@ -225,13 +225,13 @@ def test_commands(tmp_path):
     assert argv[:8] == [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
                         str(RECIPES / "accelerate" / "cpu_2proc.yaml"), "--num_processes", "2",
                         "--main_process_port", "12345"]
-    assert argv[8:] == [str(REPO / "tools" / "train.py"), str(pre.recipe), *pre.args]
+    assert argv[8:] == ["-m", "dist_ssl.engine.cli_train", str(pre.recipe), *pre.args]
     line = shell_line(argv, dict(exp.launch_for("pretrain").env))
-    assert line.startswith("ACCELERATE_USE_CPU=true OMP_NUM_THREADS=1 ") and "tools/train.py" in line
-    assert stage_argv(ft, exp.launch_for("finetune")) == [sys.executable, str(REPO / "tools" / "train.py"),
+    assert line.startswith("ACCELERATE_USE_CPU=true OMP_NUM_THREADS=1 ") and "-m dist_ssl.engine.cli_train " in line
+    assert stage_argv(ft, exp.launch_for("finetune")) == [sys.executable, "-m", "dist_ssl.engine.cli_train",
                                                           str(ft.recipe), *ft.args]
     assert dict(exp.launch_for("finetune").env)["ACCELERATE_USE_CPU"] == "true"  # per-stage keeps the env
-    assert stage_argv(ev, exp.launch_for("eval")) == [sys.executable, str(REPO / "tools" / "eval.py"), *ev.args]
+    assert stage_argv(ev, exp.launch_for("eval")) == [sys.executable, "-m", "dist_ssl.eval.cli_eval", *ev.args]
 
 
 def test_every_experiment_file_loads_and_every_stage_config_resolves(monkeypatch):

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from dist_ssl.data import make_shards_cli, shard_tar, shard_writer
+from dist_ssl.data import cli_shards, shard_tar, shard_writer
 from dist_ssl.data.manifest import load_manifest
 
 ARGS = ["--subset", "per-class:30", "--samples-per-shard", "100"]
@@ -42,7 +42,7 @@ def test_disk_full_while_sharding_is_one_line_and_resumable(fmnist_dir, small_di
     mnt, how = small_disk
     out = mnt / "out"
     argv = ["-q", "write", f"idx:{fmnist_dir}", str(out), *ARGS]
-    assert make_shards_cli.main(argv) == 2, how
+    assert cli_shards.main(argv) == 2, how
     err = capsys.readouterr().err.strip()
     assert "\n" not in err, err
     assert err.startswith("make_shards: error: no space left on device (ENOSPC) writing shard-0000")
@@ -52,7 +52,7 @@ def test_disk_full_while_sharding_is_one_line_and_resumable(fmnist_dir, small_di
     roomy = mnt.parent / "roomy"
     shutil.copytree(out, roomy)
     monkeypatch.undo()
-    assert make_shards_cli.main(["-q", "write", f"idx:{fmnist_dir}", str(roomy), *ARGS]) == 0
+    assert cli_shards.main(["-q", "write", f"idx:{fmnist_dir}", str(roomy), *ARGS]) == 0
     assert load_manifest(roomy).num_samples == 300
 
 
@@ -61,7 +61,7 @@ def test_enospc_outside_a_shard_is_one_line(fmnist_dir, tmp_path, capsys, monkey
         raise OSError(errno.ENOSPC, "No space left on device", str(out_dir / "manifest.json"))
     monkeypatch.setattr(shard_writer, "save_manifest", full)
     out = tmp_path / "out"
-    assert make_shards_cli.main(["-q", "write", f"idx:{fmnist_dir}", str(out), *ARGS]) == 2
+    assert cli_shards.main(["-q", "write", f"idx:{fmnist_dir}", str(out), *ARGS]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"make_shards: error: No space left on device (ENOSPC): {out / 'manifest.json'}; "
                    f"free space in OUT_DIR {out} or choose another, then rerun the same command "

@@ -14,7 +14,7 @@ from dist_ssl.config.errors import ConfigError
 from dist_ssl.config.schema import from_dict
 from dist_ssl.data.loader import build_train_loader
 from dist_ssl.data.manifest import load_manifest
-from dist_ssl.eval.cli import main as eval_main
+from dist_ssl.eval.cli_eval import main as eval_main
 from dist_ssl.heads.drloc import DRLocStudent
 from dist_ssl.methods import MethodConfig, MethodContext, build_method
 from dist_ssl.models import ModelConfig, create_backbone, export_backbone

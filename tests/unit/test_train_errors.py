@@ -64,7 +64,7 @@ def test_prometheus_bad_host_is_a_one_line_config_error(tmp_path, host, why):
 
 LOG_PROBE = """
 import logging, sys
-from dist_ssl.engine.run import setup_logging
+from dist_ssl.engine.cli_train import setup_logging
 setup_logging(verbose=len(sys.argv) > 1)
 logging.getLogger("accelerate.accelerator").info("accelerate-info")
 logging.getLogger("torch.distributed.elastic").info("torch-info")

@@ -1,4 +1,4 @@
-"""tools/tsne.py (dist_ssl.eval.tsne): the IDMM paper's Figure 2 on real Fashion-MNIST shards."""
+"""tools/tsne.py (dist_ssl.eval.cli_tsne, dist_ssl.eval.tsne): the IDMM paper's Figure 2 on real Fashion-MNIST shards."""
 from __future__ import annotations
 
 from collections import Counter
@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from dist_ssl.eval.features import EvalError
-from dist_ssl.eval.tsne import choose_points, embed_2d, main
+from dist_ssl.eval.cli_tsne import main
+from dist_ssl.eval.tsne import choose_points, embed_2d
 from dist_ssl.models import ModelConfig, create_backbone, export_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -24,7 +24,7 @@ from pathlib import Path
 PACKAGE = "dist_ssl"
 # lowest first; a module may import from its own layer or any layer listed before it
 LAYERS = [
-    ("atomic", "config", "step_schedules"),
+    ("atomic", "errors", "run_files", "entry_points", "config", "step_schedules"),
     ("data", "models", "losses", "heads", "parallel"),
     ("methods",),
     ("engine",),

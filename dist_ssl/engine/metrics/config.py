@@ -9,6 +9,7 @@ from pathlib import Path
 from dist_ssl.config.errors import ConfigError
 from dist_ssl.config.registry import register_section
 from dist_ssl.config.schema import doc
+from dist_ssl.run_files import METRICS_LOG_FILE
 
 from .jsonl import JSONLSink
 from .prometheus import PrometheusSink, prometheus_port
@@ -21,7 +22,7 @@ __all__ = ["MetricsConfig", "build_sinks"]
 class MetricsConfig:
     """Where metrics go. JSONL is always on (rank 0); the others are opt-in."""
 
-    jsonl_name: str = doc("log.jsonl", "JSONL file name inside the run dir")
+    jsonl_name: str = doc(METRICS_LOG_FILE, "JSONL file name inside the run dir")
     tensorboard: bool = doc(False, "also write TensorBoard events to <run_dir>/tb")
     prometheus: bool = doc(False, "serve per-rank Prometheus gauges over HTTP")
     prometheus_port_base: int = doc(9400, "exporter port of local rank 0; local rank r uses base + r")

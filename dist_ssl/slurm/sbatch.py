@@ -1,9 +1,10 @@
 """Render the SLURM batch script of an N-node x G-process `accelerate launch` training job.
 
-The script (one per submission, written into the run directory by tools/submit.py):
+The script (one per submission, written into the run directory by dist-ssl-submit):
 - allocates N nodes with one task each (``--ntasks-per-node=1``) and runs ONE ``srun`` task per
   node (``--kill-on-bad-exit=1``: a dead node ends the step instead of hanging the others);
-- each task runs ``cluster/node_launch.py``, i.e. ``accelerate launch`` with
+- each task runs ``python -m dist_ssl.slurm.node_launch``, i.e. ``accelerate launch -m
+  dist_ssl.engine.cli_train`` with
   ``--num_machines $SLURM_NNODES --machine_rank $SLURM_NODEID``, the allocation's first node as
   main address and a main port derived from the job id (two jobs sharing nodes do not collide;
   emulated nodes share one network namespace, so this matters even on one host);
@@ -27,6 +28,8 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+from dist_ssl.entry_points import NODE_LAUNCH_MODULE, TRAIN_MODULE
 
 REQUEUE_EXIT_CODE = 75  # dist_ssl.engine.preemption.REQUEUE_EXIT_CODE (not imported: no torch here)
 PORT_BASE, PORT_SPAN = 20000, 10000  # main port = PORT_BASE + job id % PORT_SPAN
@@ -52,7 +55,6 @@ class JobSpec:
     procs_per_node: int
     accelerate_config: Path
     python: str                  # interpreter on the compute nodes
-    repo: Path                   # checkout holding tools/train.py and cluster/node_launch.py
     workdir: Path                # job working directory (relative recipe paths resolve here)
     job_name: str
     array: bool = False
@@ -65,7 +67,7 @@ class JobSpec:
     env_file: Optional[Path] = None  # sourced before launching (modules, NCCL settings)
     array_indices: Optional[tuple[int, ...]] = None  # SLURM array task ids (default 0..n-1)
     output: Optional[str] = None  # --output pattern (default: in the run dir, see _header)
-    rendered_by: str = "tools/submit.py"  # named in the script's first comment
+    rendered_by: str = "dist-ssl-submit"  # named in the script's first comment
 
     def indices(self) -> tuple[int, ...]:
         """The array task id of each element."""
@@ -167,17 +169,16 @@ def launch_lines(spec: JobSpec) -> list[str]:
     """The srun line: one task per node, each running accelerate launch via node_launch.py."""
     q = shlex.quote
     cont = " \\"
-    launcher = q(str(spec.repo / "cluster" / "node_launch.py"))
     recipe = '"$RECIPE"' if spec.per_element_recipes() else q(str(spec.recipe))
     return [
         'srun --kill-on-bad-exit=1 --label --nodes="$SLURM_NNODES" --ntasks-per-node=1' + cont,
-        f'    "$PYTHON" {launcher} --status-dir "$STATUS_DIR" --' + cont,
+        f'    "$PYTHON" -m {NODE_LAUNCH_MODULE} --status-dir "$STATUS_DIR" --' + cont,
         f"    --config_file {q(str(spec.accelerate_config))}" + cont,
         '    --num_machines "$SLURM_NNODES"' + cont,
         f'    --num_processes "$((SLURM_NNODES * {spec.procs_per_node}))"' + cont,
         '    --main_process_ip "$MAIN_ADDR"' + cont,
         '    --main_process_port "$MAIN_PORT"' + cont,
-        f'    {q(str(spec.repo / "tools" / "train.py"))} {recipe} "${{OVERRIDES[@]}}" &',
+        f'    -m {TRAIN_MODULE} {recipe} "${{OVERRIDES[@]}}" &',
     ]
 
 

@@ -1,7 +1,7 @@
 """A real SLURM (Debian slurm-wlm) with two emulated nodes for the cluster tests.
 
 ``slurm`` (session): installs the packages if they are missing (the only reason to skip is that
-this fails), runs ``cluster/local_slurm.sh up`` with a private state dir and ports, and stops it
+this fails), runs ``slurm_setup/local_slurm.sh up`` with a private state dir and ports, and stops it
 at the end of the session: the finalizer closes the script's stdin, and the script's EXIT trap
 stops exactly the daemons it started -- also when pytest dies, since its stdin then closes.
 """
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 from e2e.conftest import FAST, RECIPE, read_log  # noqa: E402,F401  (re-exported for the tests)
 
-LOCAL_SLURM = REPO / "cluster" / "local_slurm.sh"
+LOCAL_SLURM = REPO / "slurm_setup" / "local_slurm.sh"
 SLURM_COMMANDS = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "squeue", "scancel",
                   "munged", "munge")
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",

@@ -1,5 +1,5 @@
 # Template for a GPU cluster's environment, sourced by the batch script on the first node before
-# `srun` (srun passes the environment on to every node). Copy it to cluster/env/<cluster>.sh,
+# `srun` (srun passes the environment on to every node). Copy it to slurm_setup/env/<cluster>.sh,
 # fill in your site's modules and network, and submit with --env-file <cluster>.
 
 # module purge

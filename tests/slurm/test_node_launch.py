@@ -1,4 +1,4 @@
-"""cluster/node_launch.py under a real `accelerate launch` (2 CPU processes), without SLURM.
+"""dist_ssl/slurm/node_launch.py under a real `accelerate launch` (2 CPU processes), without SLURM.
 
 slurmstepd hands a forwarded USR1 to every process of the step; the launcher must turn it into
 SIGTERM for the trainers only (DataLoader-worker-like grandchildren untouched) and exit with the
@@ -64,7 +64,7 @@ def test_usr1_to_the_whole_step_becomes_sigterm_for_trainers_only(tmp_path):
     (tmp_path / "worker.py").write_text(WORKER)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "SLURM_"))}
     env.update(SLURM_NODEID="0", SLURM_NNODES="1", ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(REPO / "cluster" / "node_launch.py"), "--status-dir", str(tmp_path), "--",
+    cmd = [sys.executable, "-m", "dist_ssl.slurm.node_launch", "--status-dir", str(tmp_path), "--",
            "--config_file", str(REPO / "recipes" / "accelerate" / "cpu_2proc.yaml"),
            "--num_machines", "1", "--num_processes", "2", "--main_process_ip", "127.0.0.1",
            "--main_process_port", str(_free_port()), str(tmp_path / "worker.py"), str(tmp_path)]
@@ -85,3 +85,14 @@ def test_usr1_to_the_whole_step_becomes_sigterm_for_trainers_only(tmp_path):
         result = json.loads((tmp_path / f"result.{rank}").read_text())
         assert result == {"signals": [signal.SIGTERM], "child_alive": True}, (rank, out[-3000:])
     assert "--machine_rank 0" in out  # filled in from SLURM_NODEID
+
+
+def test_one_process_runs_a_module_directly(tmp_path, monkeypatch):
+    """1 node x 1 process: no launcher, ``python -m MODULE ARGS`` (the batch script's
+    ``accelerate launch -m dist_ssl.engine.cli_train`` form), exit code passed through."""
+    from dist_ssl.slurm.node_launch import run_accelerate
+
+    monkeypatch.setenv("SLURM_NNODES", "1")
+    (tmp_path / "exit_with.py").write_text("import sys; sys.exit(int(sys.argv[1]))\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    assert run_accelerate(["--num_machines", "1", "--num_processes", "1", "-m", "exit_with", "7"]) == 7

@@ -1,6 +1,8 @@
-"""`tools/train.py RECIPE.yaml [dotted.key=value ...]`: the one training entry point.
+"""`dist-ssl-train RECIPE.yaml [dotted.key=value ...]`: the one training entry point.
 
-Exit codes: 0 done; 2 bad config / data / checkpoint (one line on stderr, no traceback);
+Also ``python -m dist_ssl.engine.cli_train``, ``accelerate launch -m dist_ssl.engine.cli_train``
+and ``tools/train.py``. Exit codes: 0 done; 2 bad config / data / checkpoint, any
+:class:`~dist_ssl.errors.UserError` (one line on stderr, no traceback);
 75 preempted and checkpointed (requeue me; see preemption.py); 1 anything else.
 
 Failures in multi-process runs: the rank that raises prints its error (a traceback, or the one
@@ -19,7 +21,9 @@ import signal
 import sys
 from typing import Optional
 
-EXIT_BAD_INPUT = 2
+from dist_ssl.errors import EXIT_USER_ERROR, UserError, exit_with_message
+
+PROG = "train.py"  # the name tests and users have seen in its error lines
 EXIT_FAILED = 1
 # Libraries whose INFO lines (per checkpoint, per launch) drown ours; WARNING unless -v / metrics.verbose.
 THIRD_PARTY_LOGGERS = ("accelerate", "DeepSpeed", "deepspeed", "torch.distributed", "torch.nn.parallel",
@@ -28,7 +32,7 @@ THIRD_PARTY_LOGGERS = ("accelerate", "DeepSpeed", "deepspeed", "torch.distribute
 # path that is the configuration asked for, not news.
 _EXPECTED_NOISE = ("Setting accelerator to CPU",)
 
-log = logging.getLogger("dist_ssl.engine.run")
+log = logging.getLogger("dist_ssl.engine.cli_train")  # not __name__: "__main__" under python -m
 
 
 def _rank() -> int:
@@ -66,7 +70,7 @@ def set_library_verbosity(verbose: bool) -> None:
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="train.py", description="Train a dist_ssl recipe (single process, or under "
+        prog=PROG, description="Train a dist_ssl recipe (single process, or under "
         "`accelerate launch` / torchrun / srun for DDP, FSDP2, DeepSpeed ZeRO).")
     parser.add_argument("recipe", help="recipe YAML (recipes/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.epochs=5")
@@ -86,12 +90,6 @@ def _leave(code: int) -> int:
     return code
 
 
-def _bad_input(exc: BaseException) -> int:
-    """A bad config / data / checkpoint: one line on stderr, no traceback."""
-    print(f"train.py: error: {exc}", file=sys.stderr)
-    return _leave(EXIT_BAD_INPUT)
-
-
 def _is_peer_failure(exc: BaseException) -> bool:
     """A collective that failed because another rank left (its error is the one to read)."""
     import torch.distributed as dist
@@ -105,28 +103,20 @@ def _is_peer_failure(exc: BaseException) -> bool:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
-    from dist_ssl.config import ConfigError, config_to_yaml, load_config
-
-    if args.print_config:  # before the trainer's imports: a config is loaded and printed without torch
-        try:
-            print(config_to_yaml(load_config(args.recipe, args.overrides)), end="")
-        except (ConfigError, FileNotFoundError) as exc:
-            return _bad_input(exc)
-        return 0
-
-    from dist_ssl.data.errors import DataError
-    from dist_ssl.data.manifest import ManifestError
-    from dist_ssl.engine.checkpoint import CheckpointError
+    from dist_ssl.config import config_to_yaml, load_config
 
     try:
         cfg = load_config(args.recipe, args.overrides)
+        if args.print_config:  # before the trainer's imports: a config is printed without torch
+            print(config_to_yaml(cfg), end="")
+            return 0
         if cfg.metrics.verbose:
             set_library_verbosity(True)
         from dist_ssl.engine.trainer import Trainer
 
         return Trainer(cfg).fit()  # its success paths end the process group themselves
-    except (ConfigError, DataError, ManifestError, CheckpointError, FileNotFoundError) as exc:
-        return _bad_input(exc)
+    except (UserError, FileNotFoundError) as exc:
+        return _leave(exit_with_message(PROG, exc, EXIT_USER_ERROR))
     except BaseException as exc:  # noqa: BLE001 - in multi-process runs: report once, leave at once
         if _world_size() == 1 or isinstance(exc, SystemExit):
             raise
@@ -138,3 +128,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             log.error("rank %d failed; stopping every rank", _rank(), exc_info=exc)
         return _leave(EXIT_FAILED)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

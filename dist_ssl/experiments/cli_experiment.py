@@ -1,4 +1,5 @@
-"""`tools/experiment.py run|submit|report EXPERIMENT.yaml`: see the package docstring and README.
+"""`dist-ssl-experiment run|submit|report EXPERIMENT.yaml` (also ``tools/experiment.py``): see the
+package docstring and README.
 
 Exit codes: 0 done; 1 some cell failed (listed at the end); 2 bad experiment file or
 arguments (one line); 75 interrupted (run the same command again to resume).
@@ -10,7 +11,7 @@ import logging
 import sys
 from typing import Optional
 
-from dist_ssl.experiments.spec import ExperimentError
+from dist_ssl.errors import UserError, exit_with_message
 
 PROG = "experiment.py"
 
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--partition", help="SLURM partition")
     s.add_argument("--time", help="time limit per job, e.g. 24:00:00")
     s.add_argument("--accelerate-config", help="launcher config (default: from parallel.backend)")
-    s.add_argument("--env-file", help="per-cluster environment: a path or a name in cluster/env/")
+    s.add_argument("--env-file", help="per-cluster environment: a path or a name in slurm_setup/env/")
     s.add_argument("--signal-seconds", type=int, help="USR1 this long before the time limit (0: off)")
     s.add_argument("--max-requeues", type=int, help="preemption requeues per job")
     s.add_argument("--python", help="python on the compute nodes (default: this one)")
@@ -75,6 +76,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(message)s")
     try:
         return _dispatch(args)
-    except ExperimentError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return exit_with_message(PROG, e)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

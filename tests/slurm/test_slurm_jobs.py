@@ -1,4 +1,4 @@
-"""tools/submit.py against a real SLURM with two emulated 1-CPU nodes (cluster/local_slurm.sh).
+"""tools/submit.py against a real SLURM with two emulated 1-CPU nodes (slurm_setup/local_slurm.sh).
 
 Real Fashion-MNIST shards, the real tools/train.py under accelerate launch (DDP on gloo across
 the two "nodes"), real sbatch / srun / scontrol requeue. Every wait has a time limit.
@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_ssl.cluster.submit import main as submit_main
+from dist_ssl.slurm.cli_submit import main as submit_main
 
 from .conftest import FAST, RECIPE, REPO, job_log, losses, run_info
 

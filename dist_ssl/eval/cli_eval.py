@@ -1,6 +1,6 @@
-"""Command line of ``tools/eval.py``: k-NN and linear-probe accuracy of a frozen backbone.
+"""`dist-ssl-eval` (also ``tools/eval.py``): k-NN and linear-probe accuracy of a frozen backbone.
 
-    python tools/eval.py (--backbone RUN_DIR|FILE.safetensors | --random ARCH --in-chans C --img-size S --out F)
+    dist-ssl-eval (--backbone RUN_DIR|FILE.safetensors | --random ARCH --in-chans C --img-size S --out F)
         --train SHARDS --test SHARDS
         [--img-size S] [--methods knn,linear] [--knn-k 20] [--knn-t 0.07]
         [--linear-epochs 100] [--linear-wd 1e-4[,1e-3,...]] [--batch-size 256] [--workers 2]
@@ -25,19 +25,19 @@ import torch
 import torch.distributed as dist
 
 from dist_ssl.atomic import atomic_write_json
-from dist_ssl.data.errors import DataError
 from dist_ssl.data.loader import build_eval_loader
 from dist_ssl.data.manifest import load_manifest
+from dist_ssl.errors import UserError, exit_with_message
 from dist_ssl.eval.features import (EvalError, extract_features, first_line, load_frozen_backbone,
                                     resolve_backbone_path, save_features)
 from dist_ssl.eval.knn import knn_accuracy
 from dist_ssl.eval.linear_probe import LinearProbeConfig, linear_probe
 from dist_ssl.models import ModelConfig, create_backbone
 from dist_ssl.parallel.collectives import get_rank, get_world_size, is_dist
+from dist_ssl.run_files import PROBE_FILE
 
 PROG = "eval"
 METHODS = ("knn", "linear")
-OUT_NAME = "eval_probe.json"
 log = logging.getLogger(PROG)
 
 
@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="images per extraction batch (per rank)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--out", default=None, help=f"metrics JSON; default: {OUT_NAME} by the backbone")
+    p.add_argument("--out", default=None, help=f"metrics JSON; default: {PROBE_FILE} by the backbone")
     p.add_argument("--save-features", default=None, metavar="FILE",
                    help="also write train/test features, labels, ids as safetensors")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
@@ -96,7 +96,7 @@ def _check_inputs(a) -> tuple[Path, Path, dict]:
     if a.random and (a.img_size is None or a.out is None or a.in_chans not in (1, 3)):
         raise EvalError("--random needs --img-size, --out and --in-chans 1 or 3")
     backbone = None if a.random else resolve_backbone_path(a.backbone)
-    out = Path(a.out) if a.out else backbone.parent / OUT_NAME
+    out = Path(a.out) if a.out else backbone.parent / PROBE_FILE
     for path in (out, Path(a.save_features or out)):
         if not path.parent.is_dir():
             raise EvalError(f"{path.parent}: output directory does not exist")
@@ -222,9 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"{PROG}: %(message)s", stream=sys.stderr)
     try:
         return _run(args)
-    except (EvalError, DataError, OSError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+    except (UserError, OSError) as e:
+        return exit_with_message(PROG, e)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Command line of ``tools/make_shards.py`` (also installed as ``dist-ssl-make-shards``).
+"""`dist-ssl-shards` (also ``tools/make_shards.py``): write or verify WebDataset shards.
 
     make_shards write SOURCE OUT_DIR [--split train|test] [--samples-per-shard 1000]
                 [--subset per-class:K | random:N] [--seed 0] [--workers W] [--overwrite] [--strict]
@@ -16,9 +16,10 @@ import logging
 import sys
 import time
 
-from dist_ssl.data.errors import DataError, ShardError
+from dist_ssl.data.errors import ShardError
 from dist_ssl.data.shard_verify import verify_dataset
 from dist_ssl.data.shard_writer import write_dataset_report
+from dist_ssl.errors import UserError, exit_with_message
 
 PROG = "make_shards"
 
@@ -81,15 +82,12 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"{PROG}: %(message)s", stream=sys.stderr)
     try:
         return _write(args) if args.command == "write" else _verify(args)
-    except ShardError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
-    except DataError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+    except ShardError as e:  # verify found a problem
+        return exit_with_message(PROG, e, 1)
+    except UserError as e:
+        return exit_with_message(PROG, e)
     except OSError as e:  # disk full, permissions, read-only file system... one line, no traceback
-        print(f"{PROG}: error: {_os_error(e, args.out_dir)}", file=sys.stderr)
-        return 2
+        return exit_with_message(PROG, _os_error(e, args.out_dir))
 
 
 def _os_error(e: OSError, out_dir: str) -> str:

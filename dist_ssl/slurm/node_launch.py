@@ -1,8 +1,8 @@
-#!/usr/bin/env python
 """`accelerate launch` for one node of a SLURM job: what each srun task of a dist_ssl batch
-script runs (see dist_ssl/cluster/sbatch.py).
+script runs (see sbatch.py).
 
-    node_launch.py [--status-dir DIR] -- ACCELERATE_LAUNCH_OPTIONS... SCRIPT [SCRIPT_ARGS...]
+    python -m dist_ssl.slurm.node_launch [--status-dir DIR] -- ACCELERATE_LAUNCH_OPTIONS...
+        [-m] SCRIPT_OR_MODULE [SCRIPT_ARGS...]
 
 Differences from plain `accelerate launch`:
 - ``--machine_rank`` is this task's ``$SLURM_NODEID`` (one srun task per node), so one command
@@ -92,8 +92,8 @@ def run_accelerate(argv: list[str]) -> int:
         # one process in all: the trainer runs without a process group (as `python train.py`);
         # a launcher would build a 1-process DDP group, which the engine rejects as a fallback
         log.info("1 process: running %s directly", args.training_script)
-        return subprocess.run([sys.executable, args.training_script, *args.training_script_args],
-                              check=False).returncode
+        script = ["-m", args.training_script] if args.module else [args.training_script]
+        return subprocess.run([sys.executable, *script, *args.training_script_args], check=False).returncode
     try:
         launch_command(args)
         return 0
@@ -120,11 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         i = argv.index("--")
         own, sep, rest = argv[:i], ["--"], argv[i + 1:]
-    parser = argparse.ArgumentParser(prog="node_launch.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dist_ssl.slurm.node_launch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--status-dir", help="write this node's exit code to DIR/node<SLURM_NODEID>")
     opts = parser.parse_args(own)
     if not sep or not rest:
-        parser.error("expected `-- ACCELERATE_LAUNCH_OPTIONS... SCRIPT [ARGS...]`")
+        parser.error("expected `-- ACCELERATE_LAUNCH_OPTIONS... [-m] SCRIPT [ARGS...]`")
     node = os.environ.get("SLURM_NODEID")
     if node is None or "SLURM_NNODES" not in os.environ:
         parser.error("not inside a SLURM step (SLURM_NODEID / SLURM_NNODES unset); use accelerate launch")

@@ -1,4 +1,4 @@
-# Environment of the emulated two-node CPU cluster (cluster/local_slurm.sh), sourced by the
+# Environment of the emulated two-node CPU cluster (slurm_setup/local_slurm.sh), sourced by the
 # batch script before launching. Also a starting point for any CPU-only SLURM cluster.
 # Use with: tools/submit.py ... --env-file local_cpu --accelerate-config recipes/accelerate/cpu_2proc.yaml
 

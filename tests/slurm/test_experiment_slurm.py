@@ -1,4 +1,4 @@
-"""`tools/experiment.py submit` on a real SLURM (cluster/local_slurm.sh, two emulated 1-CPU nodes):
+"""`tools/experiment.py submit` on a real SLURM (slurm_setup/local_slurm.sh, two emulated 1-CPU nodes):
 a 2-cell pre-train -> fine-tune chain, one array per stage with aftercorr dependencies. Cell
 "good" trains on real Fashion-MNIST shards; cell "bad" names shards that do not exist, so its
 pre-training fails at run time: its own fine-tune must be cancelled and only that one, while the
@@ -14,7 +14,7 @@ from unittest import mock
 
 import yaml
 
-from dist_ssl.experiments.cli import main as experiment_main
+from dist_ssl.experiments.cli_experiment import main as experiment_main
 
 from .conftest import REPO, losses
 

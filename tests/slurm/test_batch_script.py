@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from dist_ssl.cluster.sbatch import Element, JobSpec, render, sbatch_value
-from dist_ssl.cluster.submit import array_overrides, main as submit_main, split_values
+from dist_ssl.slurm.sbatch import Element, JobSpec, render, sbatch_value
+from dist_ssl.slurm.cli_submit import main as submit_main
+from dist_ssl.slurm.submit import array_overrides, split_values
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "supervised_fmnist2k.yaml"
@@ -55,13 +56,13 @@ def test_dry_run_4_nodes_x_8_gpus_deepspeed(tmp_path):
     start = lines.index(next(ln for ln in lines if ln.startswith("srun ")))
     assert lines[start:start + 8] == [
         'srun --kill-on-bad-exit=1 --label --nodes="$SLURM_NNODES" --ntasks-per-node=1 \\',
-        f'    "$PYTHON" {REPO}/cluster/node_launch.py --status-dir "$STATUS_DIR" -- \\',
+        '    "$PYTHON" -m dist_ssl.slurm.node_launch --status-dir "$STATUS_DIR" -- \\',
         f"    --config_file {REPO}/recipes/accelerate/zero3.yaml \\",  # from parallel.backend
         '    --num_machines "$SLURM_NNODES" \\',
         '    --num_processes "$((SLURM_NNODES * 8))" \\',
         '    --main_process_ip "$MAIN_ADDR" \\',
         '    --main_process_port "$MAIN_PORT" \\',
-        f'    {REPO}/tools/train.py {RECIPE} "${{OVERRIDES[@]}}" &']
+        f'    -m dist_ssl.engine.cli_train {RECIPE} "${{OVERRIDES[@]}}" &']
     assert 'MAIN_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in lines
     assert any(ln.startswith("MAIN_PORT=$((20000 + SLURM_JOB_ID % 10000))") for ln in lines)
     assert f"OVERRIDES=(output_dir={out} parallel.backend=zero3 train.epochs=100 output_dir={out})" in lines
@@ -110,7 +111,7 @@ def spec(tmp_path: Path, overrides=(), nodes: int = 2, max_requeues: int = 3) ->
     return JobSpec(recipe=RECIPE, elements=(Element(run, (*overrides, f"output_dir={run}")),),
                    script_path=run / "slurm" / "job.sbatch", nodes=nodes, procs_per_node=2,
                    accelerate_config=REPO / "recipes" / "accelerate" / "ddp.yaml",
-                   python=str(tmp_path / "bin" / "fakepython"), repo=REPO, workdir=tmp_path,
+                   python=str(tmp_path / "bin" / "fakepython"), workdir=tmp_path,
                    job_name="t", max_requeues=max_requeues)
 
 
@@ -151,7 +152,7 @@ if [ "$1 $2" = "show hostnames" ]; then for ((k = 1; k <= SLURM_NNODES; k++)); d
 else echo "$*" >> "$STUB_DIR/scontrol.log"; fi
 """
 STUB_PYTHON = r"""#!/usr/bin/env python3
-# node_launch.py stand-in: records its argv, writes the node's status file, exits with the
+# node_launch stand-in: records its argv, writes the node's status file, exits with the
 # node's code from STUB_CODES ("75,-" = node0 75, node1 writes no status and exits 143)
 import json, os, signal, sys
 node = int(os.environ["SLURM_NODEID"])
@@ -210,12 +211,12 @@ def test_every_node_gets_the_launch_line_with_literal_arguments(stubs):
     assert canary.is_dir() and not list(stubs.glob("pwned*"))
     for node in range(4):
         argv = json.loads((stubs / f"argv.{node}.json").read_text())
-        assert argv == [str(REPO / "cluster" / "node_launch.py"), "--status-dir",
+        assert argv == ["-m", "dist_ssl.slurm.node_launch", "--status-dir",
                         str(stubs / "run" / "slurm" / "node_exit"), "--",
                         "--config_file", str(REPO / "recipes" / "accelerate" / "ddp.yaml"),
                         "--num_machines", "4", "--num_processes", "8",
                         "--main_process_ip", "node1", "--main_process_port", str(20000 + 4242 % 10000),
-                        str(REPO / "tools" / "train.py"), str(RECIPE), *literal,
+                        "-m", "dist_ssl.engine.cli_train", str(RECIPE), *literal,
                         f"output_dir={stubs / 'run'}"]
     assert not (stubs / "scontrol.log").exists()  # success: no requeue
 
@@ -253,3 +254,27 @@ def test_usr1_to_the_batch_shell_reaches_the_launchers_and_requeues(stubs):
     assert proc.returncode == 0, out
     assert "USR1: asking the trainers to checkpoint" in out and "requeueing job 4242" in out
     assert (stubs / "scontrol.log").read_text() == "requeue 4242\n"
+
+
+def test_short_names_are_found_beside_the_recipe_or_in_the_working_directory(tmp_path):
+    """An installed package has no checkout around it: ``--env-file NAME`` and the default
+    launcher config come from the recipe's folder or one above it, else from the cwd."""
+    project = tmp_path / "project"
+    (project / "recipes" / "accelerate").mkdir(parents=True)
+    (project / "recipes" / "accelerate" / "ddp.yaml").write_text("distributed_type: MULTI_GPU\n")
+    recipe = project / "recipes" / "mine.yaml"
+    recipe.write_text(RECIPE.read_text())
+    (tmp_path / "slurm_setup" / "env").mkdir(parents=True)  # the cwd's, not the recipe's
+    (tmp_path / "slurm_setup" / "env" / "here.sh").write_text("export HERE=1\n")
+    out, err = io.StringIO(), io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = submit_main([str(recipe), f"output_dir={tmp_path / 'run'}", "--env-file", "here", "--dry-run"])
+            missing = submit_main([str(recipe), "--env-file", "example_gpu", "--dry-run"])  # only in the repo
+    finally:
+        os.chdir(cwd)
+    assert code == 0, err.getvalue()
+    assert f"    --config_file {project}/recipes/accelerate/ddp.yaml \\" in out.getvalue().splitlines()
+    assert missing == 2 and "submit.py: error: --env-file: no such file 'example_gpu'" in err.getvalue()

@@ -1,1 +1,0 @@
-"""SLURM submission: batch-script rendering (sbatch.py) and the submit tool (submit.py)."""
