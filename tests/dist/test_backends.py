@@ -1,7 +1,8 @@
 """Backends through the real `accelerate launch` (2 CPU processes, gloo) + the launcher configs.
 
-One launch per backend (tests/dist/_backend_worker.py): it must really be the requested backend
-with 2 processes, train like one process on the full batch, and round-trip a checkpoint.
+One launch per backend (tests/dist/_backend_worker.py), two at a time, shared by one small test
+per property: it must really be the requested backend with 2 processes, train like one process
+on the full batch, and round-trip a checkpoint.
 DeepSpeed compiles a comm op on first use (35 s to a few minutes on 2 cores), cached under
 TORCH_EXTENSIONS_DIR (default here: ~/.cache/dist_ssl/torch_extensions).
 """
@@ -11,9 +12,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -163,27 +166,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(backend: str, tmp_path: Path) -> dict:
-    config, timeout = LAUNCHES[backend]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dist_ssl" / "torch_extensions"))
-    env["OMP_NUM_THREADS"] = "1"
-    out = tmp_path / "result.json"
-    cmd = [
-        str(Path(sys.executable).with_name("accelerate")), "launch",
-        "--config_file", str(CONFIGS / config),
-        "--num_processes", "2",
-        "--main_process_port", str(_free_port()),
-        str(WORKER), "--backend", backend, "--out", str(out), "--run-dir", str(tmp_path / "run"),
-    ]  # fmt: skip
-    log = tmp_path / "launch.log"
-    with open(log, "w") as f:
+class Launch:
+    """One real `accelerate launch` of the worker, started at construction; ``result()`` waits."""
+
+    def __init__(self, backend: str, tmp_path: Path):
+        config, self.timeout = LAUNCHES[backend]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
+        env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dist_ssl" / "torch_extensions"))
+        env["OMP_NUM_THREADS"] = "1"
+        self.backend, self.out, self.log = backend, tmp_path / "result.json", tmp_path / "launch.log"
+        cmd = [
+            str(Path(sys.executable).with_name("accelerate")), "launch",
+            "--config_file", str(CONFIGS / config),
+            "--num_processes", "2",
+            "--main_process_port", str(_free_port()),
+            str(WORKER), "--backend", backend, "--out", str(self.out), "--run-dir", str(tmp_path / "run"),
+        ]  # fmt: skip
+        with open(self.log, "w") as f:  # the child keeps its own copy of the descriptor
+            # a session of its own: stop() ends the launcher, torchrun and both workers together
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        self.deadline = time.monotonic() + self.timeout
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def result(self) -> dict:
         try:
-            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+            rc = self.proc.wait(timeout=max(1.0, self.deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            pytest.fail(f"{backend}: launch timed out after {timeout}s\n{log.read_text()[-4000:]}")
-    assert proc.returncode == 0 and out.is_file(), f"{backend}: rc={proc.returncode}\n{log.read_text()[-4000:]}"
-    return json.loads(out.read_text())
+            self.stop()
+            pytest.fail(f"{self.backend}: launch timed out after {self.timeout}s\n{self.log.read_text()[-4000:]}")
+        assert rc == 0 and self.out.is_file(), f"{self.backend}: rc={rc}\n{self.log.read_text()[-4000:]}"
+        return json.loads(self.out.read_text())
+
+    def stop(self) -> None:
+        if self.running():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
 
 
 def _rel_close(a: float, b: float, rtol: float = 1e-5) -> bool:
@@ -199,30 +219,57 @@ EXPECTED = {  # backend -> (distributed_type, checkpoint entry only this backend
 }
 
 
+# A launch keeps ~1.35 of 2 cores busy (imports, rendezvous, barriers, checkpoint files), so two
+# at a time overlap: 5 launches 70 s -> 50 s here, and no launch runs twice.
+PARALLEL_LAUNCHES = 2
+
+
+def _selected_backends(request) -> list[str]:
+    """Backends of the selected tests of this module that use a launch (-k may deselect some)."""
+    chosen = {item.callspec.params["backend"] for item in request.session.items
+              if item.module is request.module and "launched" in item.fixturenames}
+    return [b for b in LAUNCHES if b in chosen]
+
+
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory):
-    """backend -> the worker's result; each backend launched once for the whole module (by the
-    first test that asks for it), a failed launch failing every test of that backend."""
+def launched(request, tmp_path_factory):
+    """backend -> the worker's result. Each selected backend is launched once for the module,
+    PARALLEL_LAUNCHES at a time in LAUNCHES order; a failed launch fails every test of it."""
+    wanted, started = _selected_backends(request), {}
     results: dict[str, dict] = {}
     failures: dict[str, str] = {}
 
+    def start(backend: str) -> None:
+        if backend not in started:
+            started[backend] = Launch(backend, tmp_path_factory.mktemp(f"launch_{backend}"))
+
+    def top_up() -> None:
+        for backend in wanted:
+            if sum(launch.running() for launch in started.values()) >= PARALLEL_LAUNCHES:
+                return
+            start(backend)
+
     def result(backend: str) -> dict:
         if backend not in results and backend not in failures:
+            start(backend)
+            top_up()
             try:
-                results[backend] = _launch(backend, tmp_path_factory.mktemp(f"launch_{backend}"))
+                results[backend] = started[backend].result()
             except (AssertionError, pytest.fail.Exception) as err:
                 failures[backend] = str(err)
+            top_up()  # the next launches run while this backend's tests read its result
         if backend in failures:
-            pytest.fail(f"the {backend} launch failed (see the first {backend} test): {failures[backend][:4000]}",
-                        pytrace=False)
+            pytest.fail(f"the {backend} launch failed: {failures[backend][:4000]}", pytrace=False)
         return results[backend]
 
-    return result
+    yield result
+    for launch in started.values():
+        launch.stop()
 
 
 def per_backend(test):
     """A real 2-process launch per backend, shared by every test of this module (the first test
-    of a backend pays for its launch, so each test's time limit covers one launch)."""
+    of a backend waits for its launch; each test's time limit covers that wait)."""
     marks = (pytest.mark.dist, pytest.mark.timeout(600), pytest.mark.parametrize("backend", list(LAUNCHES)))
     for mark in marks:
         test = mark(test)
@@ -338,8 +385,9 @@ def test_a_truncated_shard_is_refused_on_every_rank_naming_it(backend, launched)
 
 @pytest.mark.dist
 @pytest.mark.timeout(600)
-def test_collectives_across_two_processes(launched):
-    c = launched("ddp")["collectives"]
+@pytest.mark.parametrize("backend", ["ddp"])
+def test_collectives_across_two_processes(backend, launched):
+    c = launched(backend)["collectives"]
     assert (c["rank"], c["world"], c["mean"]) == (0, 2, 1.5)
     assert c["gather_cat"] == [0.0, 1.0, 10.0, 11.0, 12.0]  # uneven: 2 rows + 3 rows
     assert c["grad_max_err"] < 1e-6
