@@ -64,10 +64,19 @@ def method_state(run, step: int) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, fmnist2k_shards) -> dict:
-    """All five runs, two at a time; name -> run directory."""
+    """All five runs, two at a time, MoCo v2 first, then its resume from the step-14 checkpoint
+    ("mocov2_resumed", filling the core the last run leaves idle); name -> run directory."""
     root = tmp_path_factory.mktemp("contrastive_cli")
-    jobs = {name: (_args(name, root / name, fmnist2k_shards), root / name) for name in RUNS}
-    train_in_parallel(jobs)
+    order = ["mocov2"] + [name for name in RUNS if name != "mocov2"]
+    jobs = {name: (_args(name, root / name, fmnist2k_shards), root / name) for name in order}
+    resumed, every = root / "mocov2_resumed", RUNS["mocov2"][1]
+    ckpt = f"checkpoints/step_{every:08d}"
+    jobs["mocov2_resumed"] = (_args("mocov2", resumed, fmnist2k_shards), resumed)
+
+    def copy_checkpoint():
+        shutil.copytree(root / "mocov2" / ckpt, resumed / ckpt)
+
+    train_in_parallel(jobs, after={"mocov2_resumed": ("mocov2", copy_checkpoint)})
     return {name: out for name, (_, out) in jobs.items()}
 
 
@@ -100,12 +109,9 @@ def test_method_trains_checkpoints_and_exports(runs, name):
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 96)
 
 
-def test_mocov2_resume_restores_queue_and_teacher_exactly(runs, tmp_path, fmnist2k_shards):
-    base = runs["mocov2"]
+def test_mocov2_resume_restores_queue_and_teacher_exactly(runs):
+    base, out = runs["mocov2"], runs["mocov2_resumed"]
     steps, every, _, _ = RUNS["mocov2"]
-    out = tmp_path / "resumed"
-    shutil.copytree(base / "checkpoints" / f"step_{every:08d}", out / "checkpoints" / f"step_{every:08d}")
-    train_in_parallel({"mocov2": (_args("mocov2", out, fmnist2k_shards), out)})
     resumed = {r["step"]: r["loss"] for r in read_log(out)}
     reference = {r["step"]: r["loss"] for r in read_log(base)}
     assert sorted(resumed) == list(range(every + 1, steps + 1))

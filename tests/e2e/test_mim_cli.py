@@ -46,10 +46,6 @@ def train_args(name: str, out, shards, codebook, *extra: str) -> list[str]:
             f"output_dir={out}", f"data.train={shards}", *FAST_MIM, *overrides, *tok, *extra]
 
 
-def train(name: str, out, shards, codebook, *extra: str) -> subprocess.CompletedProcess:
-    return run_cli(*train_args(name, out, shards, codebook, *extra))
-
-
 @pytest.fixture(scope="module")
 def codebook(tmp_path_factory, fmnist2k_shards):
     out = tmp_path_factory.mktemp("tokenizer") / "kmeans.safetensors"
@@ -63,14 +59,18 @@ def codebook(tmp_path_factory, fmnist2k_shards):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, fmnist2k_shards, fmnist_test_shards_small, codebook) -> dict:
-    """All four runs, two at a time (each is single-threaded); name -> run directory."""
+    """All four runs, two at a time (each is single-threaded), SplitMask first, then its resume
+    from step 5 ("splitmask_resumed", beside the last run); name -> run directory."""
     root = tmp_path_factory.mktemp("mim_cli")
     jobs = {}
-    for name in RUNS:
+    for name in ["splitmask"] + [name for name in RUNS if name != "splitmask"]:
         val = f"data.val={fmnist_test_shards_small}" if name == "drloc" else "data.val=null"
         out = root / name / "run"
         jobs[name] = ([sys.executable, *train_args(name, out, fmnist2k_shards, codebook, val)], out)
-    train_in_parallel(jobs)
+    out, ckpt = root / "splitmask_resumed" / "run", jobs["splitmask"][1] / "checkpoints" / "step_00000005"
+    jobs["splitmask_resumed"] = ([sys.executable, *train_args("splitmask", out, fmnist2k_shards, codebook,
+                                                              "data.val=null", f"resume={ckpt}")], out)
+    train_in_parallel(jobs, after={"splitmask_resumed": ("splitmask", None)})
     return {name: out for name, (_, out) in jobs.items()}
 
 
@@ -110,14 +110,9 @@ def test_train_cli_smoke(runs, name):
         assert result["num_samples"] == 500 and 0.0 <= result["top1"] <= result["top5"] <= 1.0
 
 
-def test_splitmask_resume_is_exact(runs, tmp_path, fmnist2k_shards, codebook):
+def test_splitmask_resume_is_exact(runs):
     """Masks come from (step, id) and the codebook rides in the checkpoint: steps 6-10 after a
     resume from step 5 repeat the uninterrupted run bit for bit."""
-    ref = runs["splitmask"]
-    out = tmp_path / "resumed"
-    proc = train("splitmask", out, fmnist2k_shards, codebook, "data.val=null",
-                 f"resume={ref / 'checkpoints' / 'step_00000005'}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    resumed = {r["step"]: (r["loss"], r["info_nce"]) for r in read_log(out)}
-    reference = {r["step"]: (r["loss"], r["info_nce"]) for r in read_log(ref) if r["step"] > 5}
+    resumed = {r["step"]: (r["loss"], r["info_nce"]) for r in read_log(runs["splitmask_resumed"])}
+    reference = {r["step"]: (r["loss"], r["info_nce"]) for r in read_log(runs["splitmask"]) if r["step"] > 5}
     assert resumed == reference
