@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,46 @@ def run_train(out: Path, train: Path, val: Path | None, *overrides: str, timeout
 def read_log(out: Path, kind: str = "train") -> list[dict]:
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     return [r for r in rows if r["kind"] == kind]
+
+
+def train_in_parallel(jobs: dict, parallel: int = 2, timeout: float = 600, after: dict | None = None) -> None:
+    """Run the CLI commands of ``jobs`` (name -> (args, out dir)), ``parallel`` at a time, in
+    order: each run is single-threaded (OMP_NUM_THREADS=1, no loader workers), so 2 fill the 2 CI
+    cores. ``after``: name -> (the job it needs, a callable run just before it starts), e.g. a
+    resume from another run's checkpoint, which then fills a core instead of running alone."""
+    after = after or {}
+    pending, running, done, failed = list(jobs.items()), {}, set(), {}
+    deadline = time.monotonic() + timeout
+    while pending or running:
+        for name, (args, out) in list(pending):
+            if len(running) >= parallel:
+                break
+            need, prepare = after.get(name, (None, None))
+            if need in failed:
+                pending.remove((name, (args, out)))
+                failed[name] = f"not run: {need} failed"
+            elif need is None or need in done:
+                pending.remove((name, (args, out)))
+                if prepare:
+                    prepare()
+                out.mkdir(parents=True, exist_ok=True)
+                log = open(out.parent / f"{name}.stderr", "w")
+                running[name] = (subprocess.Popen(args, cwd=REPO, env=train_env(), stdout=subprocess.DEVNULL,
+                                                  stderr=log), log)
+        for name, (proc, log) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                del running[name]
+                if proc.returncode != 0:
+                    failed[name] = (proc.returncode, Path(log.name).read_text()[-3000:])
+                else:
+                    done.add(name)
+        if time.monotonic() > deadline:
+            for proc, _ in running.values():
+                proc.kill()
+            pytest.fail(f"CLI runs still going after {timeout}s: {sorted(running)}")
+        time.sleep(0.2)
+    assert not failed, failed
 
 
 @pytest.fixture(scope="session")

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import math
 import shutil
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import timm
@@ -25,7 +22,7 @@ import torch
 import dist_ssl.models.factory  # noqa: F401  (registers the small ViTs with timm)
 from dist_ssl.models.export import timm_pretrained_kwargs
 
-from .conftest import REPO, read_log, train_env
+from .conftest import REPO, read_log, train_in_parallel
 
 # data.num_workers=0: decoding 28 px crops is cheap, a worker process would cost more to start.
 COMMON = ["model.name=vit_pico_patch4_28", "train.batch_size=32", "data.num_workers=0", "data.val=null",
@@ -59,32 +56,6 @@ def _args(name: str, out, shards) -> list[str]:
             f"ckpt.every_steps={every}", *overrides]
 
 
-def _train_all(jobs: dict, parallel: int = 2, timeout: float = 600) -> None:
-    """Run the CLI commands of ``jobs`` (name -> (args, out dir)), ``parallel`` at a time: each
-    run is single-threaded (OMP_NUM_THREADS=1, no loader workers), so 2 fill the 2 CI cores."""
-    pending, running, failed = list(jobs.items()), {}, {}
-    deadline = time.monotonic() + timeout
-    while pending or running:
-        while pending and len(running) < parallel:
-            name, (args, out) = pending.pop(0)
-            out.mkdir(parents=True, exist_ok=True)
-            log = open(out.parent / f"{name}.stderr", "w")
-            running[name] = (subprocess.Popen(args, cwd=REPO, env=train_env(), stdout=subprocess.DEVNULL,
-                                              stderr=log), log)
-        for name, (proc, log) in list(running.items()):
-            if proc.poll() is not None:
-                log.close()
-                del running[name]
-                if proc.returncode != 0:
-                    failed[name] = (proc.returncode, Path(log.name).read_text()[-3000:])
-        if time.monotonic() > deadline:
-            for proc, _ in running.values():
-                proc.kill()
-            pytest.fail(f"CLI runs still going after {timeout}s: {sorted(running)}")
-        time.sleep(0.2)
-    assert not failed, failed
-
-
 def method_state(run, step: int) -> dict[str, torch.Tensor]:
     """The method's checkpointed state (Method.extra_state_dict) at ``step``."""
     path = run / "checkpoints" / f"step_{step:08d}" / "shared_method.pt"
@@ -93,10 +64,19 @@ def method_state(run, step: int) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, fmnist2k_shards) -> dict:
-    """All five runs, two at a time; name -> run directory."""
+    """All five runs, two at a time, MoCo v2 first, then its resume from the step-14 checkpoint
+    ("mocov2_resumed", filling the core the last run leaves idle); name -> run directory."""
     root = tmp_path_factory.mktemp("contrastive_cli")
-    jobs = {name: (_args(name, root / name, fmnist2k_shards), root / name) for name in RUNS}
-    _train_all(jobs)
+    order = ["mocov2"] + [name for name in RUNS if name != "mocov2"]
+    jobs = {name: (_args(name, root / name, fmnist2k_shards), root / name) for name in order}
+    resumed, every = root / "mocov2_resumed", RUNS["mocov2"][1]
+    ckpt = f"checkpoints/step_{every:08d}"
+    jobs["mocov2_resumed"] = (_args("mocov2", resumed, fmnist2k_shards), resumed)
+
+    def copy_checkpoint():
+        shutil.copytree(root / "mocov2" / ckpt, resumed / ckpt)
+
+    train_in_parallel(jobs, after={"mocov2_resumed": ("mocov2", copy_checkpoint)})
     return {name: out for name, (_, out) in jobs.items()}
 
 
@@ -129,12 +109,9 @@ def test_method_trains_checkpoints_and_exports(runs, name):
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 96)
 
 
-def test_mocov2_resume_restores_queue_and_teacher_exactly(runs, tmp_path, fmnist2k_shards):
-    base = runs["mocov2"]
+def test_mocov2_resume_restores_queue_and_teacher_exactly(runs):
+    base, out = runs["mocov2"], runs["mocov2_resumed"]
     steps, every, _, _ = RUNS["mocov2"]
-    out = tmp_path / "resumed"
-    shutil.copytree(base / "checkpoints" / f"step_{every:08d}", out / "checkpoints" / f"step_{every:08d}")
-    _train_all({"mocov2": (_args("mocov2", out, fmnist2k_shards), out)})
     resumed = {r["step"]: r["loss"] for r in read_log(out)}
     reference = {r["step"]: r["loss"] for r in read_log(base)}
     assert sorted(resumed) == list(range(every + 1, steps + 1))

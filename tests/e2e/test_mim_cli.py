@@ -16,7 +16,7 @@ import dist_ssl.models.factory  # noqa: F401  (registers the small ViTs with tim
 from dist_ssl.models.export import timm_pretrained_kwargs
 from dist_ssl.models.tokenizers import load_codebook
 
-from .conftest import REPO, read_log, train_env
+from .conftest import REPO, read_log, train_env, train_in_parallel
 
 STEPS = 10
 # drop_path 0 as in the supervised FAST overrides: the engine's resume is only bit-exact for
@@ -39,11 +39,11 @@ def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-def train(name: str, out, shards, codebook, *extra: str) -> subprocess.CompletedProcess:
+def train_args(name: str, out, shards, codebook, *extra: str) -> list[str]:
     recipe, overrides, _ = RUNS[name]
     tok = [f"method.tokenizer_path={codebook}"] if name in ("beit", "splitmask") else []
-    return run_cli(str(REPO / "tools" / "train.py"), str(REPO / "recipes" / f"{recipe}.yaml"),
-                   f"output_dir={out}", f"data.train={shards}", *FAST_MIM, *overrides, *tok, *extra)
+    return [str(REPO / "tools" / "train.py"), str(REPO / "recipes" / f"{recipe}.yaml"),
+            f"output_dir={out}", f"data.train={shards}", *FAST_MIM, *overrides, *tok, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -58,19 +58,20 @@ def codebook(tmp_path_factory, fmnist2k_shards):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, fmnist2k_shards, fmnist_test_shards_small, codebook):
-    done = {}
-
-    def get(name: str):
-        if name not in done:
-            out = tmp_path_factory.mktemp(name) / "run"
-            val = f"data.val={fmnist_test_shards_small}" if name == "drloc" else "data.val=null"
-            proc = train(name, out, fmnist2k_shards, codebook, val)
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            done[name] = out
-        return done[name]
-
-    return get
+def runs(tmp_path_factory, fmnist2k_shards, fmnist_test_shards_small, codebook) -> dict:
+    """All four runs, two at a time (each is single-threaded), SplitMask first, then its resume
+    from step 5 ("splitmask_resumed", beside the last run); name -> run directory."""
+    root = tmp_path_factory.mktemp("mim_cli")
+    jobs = {}
+    for name in ["splitmask"] + [name for name in RUNS if name != "splitmask"]:
+        val = f"data.val={fmnist_test_shards_small}" if name == "drloc" else "data.val=null"
+        out = root / name / "run"
+        jobs[name] = ([sys.executable, *train_args(name, out, fmnist2k_shards, codebook, val)], out)
+    out, ckpt = root / "splitmask_resumed" / "run", jobs["splitmask"][1] / "checkpoints" / "step_00000005"
+    jobs["splitmask_resumed"] = ([sys.executable, *train_args("splitmask", out, fmnist2k_shards, codebook,
+                                                              "data.val=null", f"resume={ckpt}")], out)
+    train_in_parallel(jobs, after={"splitmask_resumed": ("splitmask", None)})
+    return {name: out for name, (_, out) in jobs.items()}
 
 
 def test_fit_tokenizer_cli(codebook, tmp_path, capsys):
@@ -90,7 +91,7 @@ def test_fit_tokenizer_cli(codebook, tmp_path, capsys):
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_train_cli_smoke(runs, name):
-    out = runs(name)
+    out = runs[name]
     rows = read_log(out)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for key in ("loss", *RUNS[name][2]):
@@ -109,14 +110,9 @@ def test_train_cli_smoke(runs, name):
         assert result["num_samples"] == 500 and 0.0 <= result["top1"] <= result["top5"] <= 1.0
 
 
-def test_splitmask_resume_is_exact(runs, tmp_path, fmnist2k_shards, codebook):
+def test_splitmask_resume_is_exact(runs):
     """Masks come from (step, id) and the codebook rides in the checkpoint: steps 6-10 after a
     resume from step 5 repeat the uninterrupted run bit for bit."""
-    ref = runs("splitmask")
-    out = tmp_path / "resumed"
-    proc = train("splitmask", out, fmnist2k_shards, codebook, "data.val=null",
-                 f"resume={ref / 'checkpoints' / 'step_00000005'}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    resumed = {r["step"]: (r["loss"], r["info_nce"]) for r in read_log(out)}
-    reference = {r["step"]: (r["loss"], r["info_nce"]) for r in read_log(ref) if r["step"] > 5}
+    resumed = {r["step"]: (r["loss"], r["info_nce"]) for r in read_log(runs["splitmask_resumed"])}
+    reference = {r["step"]: (r["loss"], r["info_nce"]) for r in read_log(runs["splitmask"]) if r["step"] > 5}
     assert resumed == reference
