@@ -171,7 +171,7 @@ def test_after_step_changes_exactly_the_declared_state(name):
 def test_method_state_round_trips(name):
     want, method = expect(name), build_tiny(name)
     state = method.extra_state_dict()
-    assert list(method.local_state_dict()) == list(want.local_modules)
+    assert list(method.named_local_modules()) == list(want.local_modules)
     fresh = build_tiny(name, seed=123)
     if not state:
         return
