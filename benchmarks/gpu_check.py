@@ -52,7 +52,7 @@ from dist_ssl.methods import MethodContext, build_method
 from dist_ssl.methods.configs.idmm import IDMMConfig
 from dist_ssl.models.config import ModelConfig
 from dist_ssl.parallel.compile import compile_student
-from dist_ssl.parallel.sharded_fc import sharded_soft_cross_entropy
+from dist_ssl.parallel.sharded_soft_ce import sharded_soft_cross_entropy
 
 IMAGENET = 1_281_167
 PEAK_BF16_TFLOPS = [  # (name fragment, dense bf16 TFLOPS), most specific first

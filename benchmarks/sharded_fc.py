@@ -64,7 +64,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from dist_ssl.parallel.sharded_fc import ShardedLinear, sharded_soft_cross_entropy
+from dist_ssl.parallel.sharded_fc import ShardedLinear
+from dist_ssl.parallel.sharded_soft_ce import sharded_soft_cross_entropy
 
 DEFAULT_SIZES = "10000x192,10000x768,100000x192,100000x768,1281167x192"
 IMAGENET = 1_281_167

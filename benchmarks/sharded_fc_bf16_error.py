@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from dist_ssl.parallel.sharded_fc import sharded_soft_cross_entropy
+from dist_ssl.parallel.sharded_soft_ce import sharded_soft_cross_entropy
 
 IMAGENET = 1_281_167
 

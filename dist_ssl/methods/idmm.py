@@ -44,7 +44,8 @@ from dist_ssl.methods.registry import register_method
 from dist_ssl.models.export import unwrap_model
 from dist_ssl.models.factory import create_backbone, feature_dim
 from dist_ssl.models.names import resolve_backbone_name
-from dist_ssl.parallel.sharded_fc import ShardedLinear, grad_scale
+from dist_ssl.parallel.sharded_fc import ShardedLinear
+from dist_ssl.parallel.sharded_fc_gather import grad_scale
 
 log = logging.getLogger(__name__)
 GROUP_NAMES = ("global", "local")

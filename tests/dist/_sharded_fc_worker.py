@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dist_ssl.parallel.sharded_fc import ShardedLinear, shard_range, sharded_soft_cross_entropy
+from dist_ssl.parallel.sharded_fc import ShardedLinear, shard_range
+from dist_ssl.parallel.sharded_soft_ce import sharded_soft_cross_entropy
 
 D = 8
 CLASS_COUNTS = (7, 10, 1001)  # 7: shards 4+3 / 3+2+2, unequal enough to expose local-mean smoothing at P=2

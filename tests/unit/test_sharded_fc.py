@@ -14,14 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dist_ssl.parallel.sharded_fc import (
-    INIT_BLOCK_ROWS,
-    ShardedLinear,
-    grad_scale,
-    reshard_rows,
-    shard_range,
-    sharded_soft_cross_entropy,
-)
+from dist_ssl.parallel.sharded_fc import INIT_BLOCK_ROWS, ShardedLinear, shard_range
+from dist_ssl.parallel.sharded_fc_ckpt import reshard_rows
+from dist_ssl.parallel.sharded_fc_gather import grad_scale
+from dist_ssl.parallel.sharded_soft_ce import sharded_soft_cross_entropy
 
 TOL = 1e-5
 
@@ -152,10 +148,10 @@ def test_bfloat16_compute_error_bound_against_float64(scale, chunk):
 def test_bfloat16_autocast_selects_bf16_and_keeps_fp32_out_of_the_logits(monkeypatch):
     """Under a bf16 autocast fp32 weights compute in bf16; no fp32 tensor of logit size is made
     (the exp is lifted to fp32 an eighth of the rows at a time)."""
-    import dist_ssl.parallel.sharded_fc as sfc
+    import dist_ssl.parallel.sharded_fc_blocks as blocks
 
     m, n, d = 64, 997, 4  # M x N logits above every fp32 tensor (W, its grad: N x D; features: M x D)
-    monkeypatch.setattr(sfc, "_LIFT_ELEMS", 4 * n)
+    monkeypatch.setattr(blocks, "_LIFT_ELEMS", 4 * n)
     x, w, a, b, lam = make_case("cutmix", m=m, n=n, d=d)
     x.requires_grad_(True)
     w.requires_grad_(True)

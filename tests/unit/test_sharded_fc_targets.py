@@ -7,7 +7,8 @@ tests/dist/test_sharded_fc_dist.py.
 import pytest
 import torch
 
-from dist_ssl.parallel.sharded_fc import ShardedLinear, sharded_soft_cross_entropy
+from dist_ssl.parallel.sharded_fc import ShardedLinear
+from dist_ssl.parallel.sharded_soft_ce import sharded_soft_cross_entropy
 
 N, D = 10, 4
 
