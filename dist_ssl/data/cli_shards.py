@@ -19,7 +19,7 @@ import time
 from dist_ssl.data.errors import ShardError
 from dist_ssl.data.shard_verify import verify_dataset
 from dist_ssl.data.shard_writer import write_dataset_report
-from dist_ssl.errors import UserError, exit_with_message
+from dist_ssl.errors import UserError, exit_with_message, run_command
 
 PROG = "make_shards"
 
@@ -76,18 +76,19 @@ def _verify(a) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format=f"{PROG}: %(message)s", stream=sys.stderr)
+def _run(a) -> int:
     try:
-        return _write(args) if args.command == "write" else _verify(args)
+        return _write(a) if a.command == "write" else _verify(a)
     except ShardError as e:  # verify found a problem
         return exit_with_message(PROG, e, 1)
-    except UserError as e:
-        return exit_with_message(PROG, e)
     except OSError as e:  # disk full, permissions, read-only file system... one line, no traceback
-        return exit_with_message(PROG, _os_error(e, args.out_dir))
+        raise UserError(_os_error(e, a.out_dir)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return run_command(PROG, _run, args, level=logging.WARNING if args.quiet else logging.INFO,
+                       errors=(UserError,))
 
 
 def _os_error(e: OSError, out_dir: str) -> str:

@@ -29,7 +29,7 @@ from PIL import Image
 from dist_ssl.data.canonical_image import canonical_image, exif_orientation, upright_size
 from dist_ssl.data.images import IMAGE_EXTS
 from dist_ssl.data.sample_checks import DUPLICATE, member_key
-from dist_ssl.errors import UserError
+from dist_ssl.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def open_sample(sample: Optional[dict]) -> OpenedSample:
     except KeyError as e:
         raise SampleError(f"sample {key}: missing member {e}") from None
     except Exception as e:  # noqa: BLE001 - any parser failure makes the sample corrupt
-        raise SampleError(f"sample {key}: {_first_line(e)}") from None
+        raise SampleError(f"sample {key}: {first_line(e, max_chars=None)}") from None
     return OpenedSample(img, label, idx, sample[ext], key, size)
 
 
@@ -168,7 +168,7 @@ def load_image(opened: OpenedSample, reduce: int = 1) -> tuple[Image.Image, int]
         img.load()
         img = canonical_image(img)  # EXIF orientation, 16-bit / float -> 8 bit
     except Exception as e:  # noqa: BLE001 - any decoder failure makes the sample corrupt
-        raise SampleError(f"sample {opened.key}: {_first_line(e)}") from None
+        raise SampleError(f"sample {opened.key}: {first_line(e, max_chars=None)}") from None
     return img, scale
 
 
@@ -177,7 +177,3 @@ def decode_sample(sample: Optional[dict]) -> tuple[Image.Image, int, int]:
     opened = open_sample(sample)
     img, _ = load_image(opened)
     return img, opened.label, opened.idx
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -27,9 +27,9 @@ import torch.distributed as dist
 from dist_ssl.atomic import atomic_write_json
 from dist_ssl.data.loader import build_eval_loader
 from dist_ssl.data.manifest import load_manifest
-from dist_ssl.errors import UserError, exit_with_message
-from dist_ssl.eval.features import (EvalError, extract_features, first_line, load_frozen_backbone,
-                                    resolve_backbone_path, save_features)
+from dist_ssl.errors import first_line, run_command
+from dist_ssl.eval.features import (EvalError, extract_features, load_frozen_backbone, resolve_backbone_path,
+                                    save_features)
 from dist_ssl.eval.knn import knn_accuracy
 from dist_ssl.eval.linear_probe import LinearProbeConfig, linear_probe
 from dist_ssl.models import ModelConfig, create_backbone
@@ -218,12 +218,7 @@ def _env_rank() -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     rank0 = _env_rank() == 0
-    logging.basicConfig(level=logging.INFO if rank0 and not args.quiet else logging.WARNING,
-                        format=f"{PROG}: %(message)s", stream=sys.stderr)
-    try:
-        return _run(args)
-    except (UserError, OSError) as e:
-        return exit_with_message(PROG, e)
+    return run_command(PROG, _run, args, level=logging.INFO if rank0 and not args.quiet else logging.WARNING)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from torch import nn
 
 from dist_ssl.data.loader import build_eval_loader
 from dist_ssl.data.manifest import load_manifest
-from dist_ssl.errors import UserError, exit_with_message
+from dist_ssl.errors import run_command
 from dist_ssl.eval.features import EvalError, extract_features, load_frozen_backbone, resolve_backbone_path
 from dist_ssl.eval.tsne import choose_points, embed_2d, plot_embedding
 from dist_ssl.models import ModelConfig, create_backbone
@@ -104,12 +104,7 @@ def _run(a) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format=f"{PROG}: %(message)s", stream=sys.stderr)
-    try:
-        return _run(args)
-    except (UserError, OSError) as e:
-        return exit_with_message(PROG, e)
+    return run_command(PROG, _run, args, level=logging.WARNING if args.quiet else logging.INFO)
 
 
 if __name__ == "__main__":

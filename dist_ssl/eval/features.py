@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dist_ssl.atomic import atomic_save_safetensors
-from dist_ssl.errors import UserError
+from dist_ssl.errors import UserError, first_line
 from dist_ssl.models import (ModelConfig, create_backbone, load_backbone_file,  # registers
                              load_backbone_state, read_export_metadata,  # the small ViTs
                              timm_pretrained_kwargs)
@@ -101,11 +101,6 @@ def _meta_int(path: Path, meta: dict, key: str, text: str) -> int:
         raise EvalError(f"{path}: metadata {key}={meta[key]!r} is not a positive integer "
                         f"(re-export the backbone with dist_ssl.models.export_backbone)")
     return value
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import Optional
 
-from dist_ssl.errors import UserError, exit_with_message
+from dist_ssl.errors import UserError, run_command
 
 PROG = "experiment.py"
 
@@ -73,11 +73,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(message)s")
-    try:
-        return _dispatch(args)
-    except UserError as e:
-        return exit_with_message(PROG, e)
+    return run_command(PROG, _dispatch, args, level=logging.WARNING, errors=(UserError,))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from torch import nn
 from dist_ssl.config.errors import ConfigError
 from dist_ssl.data.masking import batch_generator
 from dist_ssl.data.views import CropGroup, ViewSpec
+from dist_ssl.errors import first_line
 from dist_ssl.heads.drloc import DRLocStudent
 from dist_ssl.losses.drloc import drloc_loss
 from dist_ssl.methods.base import Method, MethodContext
@@ -79,7 +80,7 @@ def _read_backbone(path: Path) -> dict[str, torch.Tensor]:
         return load_backbone_file(path)  # safetensors: no pickle, no code run
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for bad headers
         raise ConfigError("method.init_from", f"{path} is not a safetensors backbone file "
-                          f"({_first_line(e)}); give the backbone.safetensors a dist_ssl run "
+                          f"({first_line(e, 400)}); give the backbone.safetensors a dist_ssl run "
                           f"exported") from None
 
 
@@ -95,7 +96,7 @@ def init_from_export(net: nn.Module, path: Path, keep_head: bool, num_classes: i
         report = load_backbone_state(net, state, keep_head=keep_head)
     except ValueError as e:
         raise ConfigError("method.init_from", f"{path} does not fit model.name={model_name} "
-                          f"with these model settings ({_first_line(e)}); match model.in_chans / "
+                          f"with these model settings ({first_line(e, 400)}); match model.in_chans / "
                           f"model.name to the pre-training run") from None
     if keep_head and (report.head_dropped or not report.head_loaded):
         raise ConfigError("method.init_head", f"the head beside {path} does not fit {type(net).__name__}'s "
@@ -105,11 +106,6 @@ def init_from_export(net: nn.Module, path: Path, keep_head: bool, num_classes: i
              f", {list(report.resampled)} resampled" if report.resampled else "",
              f"loaded from {HEAD_FILE} ({num_classes} classes)" if report.head_loaded else "re-initialised")
     return report
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:400] if lines else type(e).__name__
 
 
 @register_method("supervised")
