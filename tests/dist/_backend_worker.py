@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sys
 import logging
 import os
 import shutil
@@ -34,6 +33,8 @@ from dist_ssl.parallel.accelerator import (
     prepare_model_and_optimizer,
 )
 from dist_ssl.parallel.config import ParallelConfig
+
+from _worker_common import full_batch_losses, leave_launch  # the script's folder is on sys.path
 
 GLOBAL_BATCH, DIM, STEPS = 16, 8, 4  # STEPS before the checkpoint; one more step after resume
 
@@ -75,15 +76,9 @@ def reference_losses(n: int, teacher_after: int | None = None) -> tuple[list[flo
     init = {k: v.clone() for k, v in model.state_dict().items()}
     teacher = None
     opt, sched = make_opt(model)
-    x, y = data()
     out = []
-    for _ in range(n):
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        out.append(loss.item())
+    for loss in full_batch_losses(model, opt, nn.functional.mse_loss, *data(), n, sched):
+        out.append(loss)
         if len(out) == teacher_after:
             teacher = {k: TEACHER_M * init[k] + (1 - TEACHER_M) * v for k, v in model.state_dict().items()}
     return out, teacher
@@ -331,14 +326,7 @@ def main() -> None:
     result["rng_match_all_ranks"] = all(rng_all)
     if acc.is_main_process:
         args.out.write_text(json.dumps(result, indent=2))
-    acc.wait_for_everyone()
-    acc.end_training()
-    # All work and the collective teardown are done. DeepSpeed's CPU shm-comm op occasionally
-    # aborts in C++ destructors at interpreter exit ("terminate called without an active
-    # exception", seen once in a CI run under load 13); leave without running them.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_launch(acc)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 
 import timm
 import torch
@@ -26,6 +25,8 @@ from dist_ssl.parallel import collectives as C
 from dist_ssl.parallel.accelerator import build_accelerator, describe, prepare_model_and_optimizer
 from dist_ssl.parallel.config import ParallelConfig
 from dist_ssl.parallel.compile import is_compiled
+
+from _worker_common import full_batch_losses, leave_launch  # the script's folder is on sys.path
 
 GLOBAL_BATCH, STEPS, CLASSES = 8, 3, 4
 
@@ -47,16 +48,7 @@ def data():
 
 def reference_losses() -> list[float]:
     model = make_model()
-    opt = make_opt(model)
-    x, y = data()
-    out = []
-    for _ in range(STEPS):
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        out.append(loss.item())
-    return out
+    return list(full_batch_losses(model, make_opt(model), nn.functional.cross_entropy, *data(), STEPS))
 
 
 class _Lines(logging.Handler):
@@ -114,11 +106,7 @@ def main() -> None:
     if acc.is_main_process:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
-    acc.wait_for_everyone()
-    acc.end_training()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # DeepSpeed's shm op can abort in C++ destructors at exit (see _backend_worker.py)
+    leave_launch(acc)
 
 
 if __name__ == "__main__":

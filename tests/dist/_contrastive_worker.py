@@ -12,7 +12,6 @@ The methods see ``equal_rank_batches=True`` as under the engine (the halves are 
 from __future__ import annotations
 
 import datetime
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -23,6 +22,8 @@ from dist_ssl.config.registry import variants
 from dist_ssl.methods import MethodConfig, MethodContext, build_method
 from dist_ssl.models.config import ModelConfig
 from dist_ssl.parallel.global_batchnorm import convert_to_global_batchnorm
+
+from _worker_common import counting_all_gathers  # tests/dist is on sys.path (put there by the test)
 
 WORLD, GLOBAL_B, LR = 2, 8, 0.5
 # Heads without BatchNorm: per-process BN statistics would (correctly) differ from one process.
@@ -112,23 +113,6 @@ def loss_sums(equal: bool = False):
         "supcon": lambda x, y, sl: supcon_loss([x, y], labels[sl], 0.3, equal_batches=equal) * 2 * x.shape[0],
         "global_info_nce": lambda x, y, sl: global_info_nce(x, y, 0.3, equal_batches=equal) * x.shape[0],
     }
-
-
-@contextmanager
-def counting_all_gathers():
-    """Counts ``torch.distributed.all_gather`` calls (parallel.collectives calls it through the module)."""
-    count = [0]
-    original = dist.all_gather
-
-    def counted(*args, **kwargs):
-        count[0] += 1
-        return original(*args, **kwargs)
-
-    dist.all_gather = counted
-    try:
-        yield count
-    finally:
-        dist.all_gather = original
 
 
 def loss_inputs():

@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import json
 import sys
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,6 +22,8 @@ import torch.nn.functional as F
 
 from dist_ssl.parallel.sharded_fc import ShardedLinear, shard_range
 from dist_ssl.parallel.sharded_soft_ce import sharded_soft_cross_entropy
+
+from _worker_common import counting_all_gathers  # tests/dist is on sys.path (put there by the test)
 
 D = 8
 CLASS_COUNTS = (7, 10, 1001)  # 7: shards 4+3 / 3+2+2, unequal enough to expose local-mean smoothing at P=2
@@ -43,23 +44,6 @@ def cases(world: int):
     ):
         yield dict(idx=i, n=n, kind=kind, eps=eps, chunk=chunk, sizes=batch_sizes(world, rows == "uneven"),
                    bias=bool(rows == "uneven" and chunk), equal_batches=rows == "declared")
-
-
-@contextmanager
-def counting_all_gathers():
-    """Counts ``torch.distributed.all_gather`` calls (sharded_fc calls it through the module)."""
-    count = [0]
-    original = dist.all_gather
-
-    def counted(*args, **kwargs):
-        count[0] += 1
-        return original(*args, **kwargs)
-
-    dist.all_gather = counted
-    try:
-        yield count
-    finally:
-        dist.all_gather = original
 
 
 def global_batch(case: dict):
