@@ -112,40 +112,42 @@ def test_dino_center_is_averaged_over_ranks(ranks):
 @pytest.mark.parametrize("name", ["nt_xent", "supcon", "global_info_nce"])
 def test_losses_with_uneven_shards_equal_single_process(ranks, name):
     """3 + 5 rows: summed losses and the gradients reaching each rank's own rows match."""
-    x, y = W.loss_inputs()
-    x.requires_grad_(True)
-    y.requires_grad_(True)
-    total = W.loss_sums()[name](x, y, slice(None))
-    total.backward()
+    total, grads = _single_process(name)
     assert all("error" not in ranks[r]["uneven"] for r in range(W.WORLD)), ranks[0]["uneven"]
     got = [ranks[r]["uneven"][name] for r in range(W.WORLD)]
     assert sum(g["sum"] for g in got) == pytest.approx(total.item(), rel=1e-5)
-    for key, ref in (("grad_x", x.grad), ("grad_y", y.grad)):
-        if ref is None:  # keys of MoCo v3 carry no gradient
-            assert all(g[key] is None for g in got)
-            continue
-        torch.testing.assert_close(torch.cat([g[key] for g in got]), ref, rtol=1e-4, atol=1e-6)
-
+    _assert_rank_grads_equal(got, grads)
 
 
 @pytest.mark.parametrize("name", ["nt_xent", "supcon", "global_info_nce"])
 def test_losses_with_declared_equal_batches_skip_the_offset_gather(ranks, name):
     """4 + 4 rows with ``equal_batches``: the same sums and gradients as one process, and two
     all_gathers fewer than with the sizes gathered (rank_offset's: the sizes' sizes, the sizes)."""
+    total, grads = _single_process(name)
+    assert all("error" not in ranks[r]["equal"] for r in range(W.WORLD)), ranks[0]["equal"]
+    for mode in ("gathered", "declared"):
+        got = [ranks[r]["equal"][mode][name] for r in range(W.WORLD)]
+        assert sum(g["sum"] for g in got) == pytest.approx(total.item(), rel=1e-5), mode
+        _assert_rank_grads_equal(got, grads)
+    for r in range(W.WORLD):
+        gathered, declared = (ranks[r]["equal"][mode][name]["all_gathers"] for mode in ("gathered", "declared"))
+        assert declared == gathered - 2, (gathered, declared)
+
+
+def _single_process(name: str):
+    """The loss summed over all rows in one process and its input gradients (grad_x, grad_y)."""
     x, y = W.loss_inputs()
     x.requires_grad_(True)
     y.requires_grad_(True)
     total = W.loss_sums()[name](x, y, slice(None))
     total.backward()
-    assert all("error" not in ranks[r]["equal"] for r in range(W.WORLD)), ranks[0]["equal"]
-    for mode in ("gathered", "declared"):
-        got = [ranks[r]["equal"][mode][name] for r in range(W.WORLD)]
-        assert sum(g["sum"] for g in got) == pytest.approx(total.item(), rel=1e-5), mode
-        for key, ref in (("grad_x", x.grad), ("grad_y", y.grad)):
-            if ref is None:  # keys of MoCo v3 carry no gradient
-                assert all(g[key] is None for g in got)
-                continue
-            torch.testing.assert_close(torch.cat([g[key] for g in got]), ref, rtol=1e-4, atol=1e-6)
-    for r in range(W.WORLD):
-        gathered, declared = (ranks[r]["equal"][mode][name]["all_gathers"] for mode in ("gathered", "declared"))
-        assert declared == gathered - 2, (gathered, declared)
+    return total, {"grad_x": x.grad, "grad_y": y.grad}
+
+
+def _assert_rank_grads_equal(got: list, grads: dict) -> None:
+    """The ranks' gradients of their own rows, in rank order, equal the single-process ones."""
+    for key, ref in grads.items():
+        if ref is None:  # keys of MoCo v3 carry no gradient
+            assert all(g[key] is None for g in got)
+            continue
+        torch.testing.assert_close(torch.cat([g[key] for g in got]), ref, rtol=1e-4, atol=1e-6)
