@@ -63,9 +63,12 @@ def build_run(cfg) -> RunParts:
     manifest = load_manifest(cfg.data.train)
     accum = cfg.parallel.grad_accum_steps
     set_seed(cfg.seed)  # identical initial weights on every rank, whatever the world size
+    # equal_rank_batches: the train stream plan pads (drop_last=False) or drops (True) the epoch's
+    # tail so every rank gets full batches of train.batch_size; the losses then skip a size gather
     ctx = MethodContext(model=copy.deepcopy(cfg.model), num_samples=manifest.num_samples,
                         num_classes=manifest.num_classes, in_chans=cfg.model.in_chans,
-                        world_size=world, rank=rank, output_dir=cfg.output_dir, seed=cfg.seed, equal_rank_batches=True)
+                        world_size=world, rank=rank, output_dir=cfg.output_dir, seed=cfg.seed,
+                        equal_rank_batches=True)
     method = build_method(cfg.method, ctx)
     if world > 1 and cfg.parallel.global_batchnorm:  # before the optimizer, EMA and DP wrapping see it
         _, n_bn = convert_to_global_batchnorm(method)
